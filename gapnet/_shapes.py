@@ -7,11 +7,11 @@ last window) is written once and every backend agrees on it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, Union
 
-IntPair = Union[int, Sequence[int]]
-Padding = Union[int, Sequence[int], str]
+IntPair = int | Sequence[int]
+Padding = int | Sequence[int] | str
 
 LAYOUTS = ("NCHW", "NHWC", "CHW", "HWC")
 GLOBAL_KINDS = ("avg", "max", "avgmax", "catavgmax", "gem")
@@ -38,10 +38,9 @@ class Layout:
 
     def pooled_shape(self, n: int, c: int, keepdim: bool) -> tuple[int, ...]:
         """Shape of a global pool's result: (N, C), or with keepdim the input's rank with 1x1."""
+        shape: tuple[int, ...] = (n, c)
         if keepdim:
             shape = (n, 1, 1, c) if self.channels_last else (n, c, 1, 1)
-        else:
-            shape = (n, c)
         return shape if self.batched else shape[1:]
 
 
@@ -82,6 +81,16 @@ def check_gem(p: float | None, eps: float) -> None:
         raise ValueError(f"global_pool2d: eps must be > 0, got {eps}")
 
 
+def check_divisor_override(value: int | None, op: str = "avg_pool2d") -> None:
+    """As PyTorch: None, or a nonzero int that replaces every window's count (negative allowed)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{op}: divisor_override must be an int or None, got {value!r}")
+    if value == 0:
+        raise ValueError(f"{op}: divisor_override must be nonzero, got 0")
+
+
 def pair(value: IntPair, name: str, minimum: int = 1) -> tuple[int, int]:
     """An int or a pair of ints as (h, w), each at least `minimum`."""
     if isinstance(value, bool):
@@ -95,9 +104,7 @@ def pair(value: IntPair, name: str, minimum: int = 1) -> tuple[int, int]:
             raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
         if len(values) == 1:
             values = values * 2
-    if len(values) != 2 or not all(
-        isinstance(v, int) and not isinstance(v, bool) for v in values
-    ):
+    if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if min(values) < minimum:
         shown = values[0] if values[0] == values[1] else values
@@ -128,7 +135,12 @@ class Window2d:
         As PyTorch: with count_include_pad the window is clipped to the padded input (so a
         ceil_mode window that runs past the padding counts fewer cells), else to the input.
         """
-        size, k, s, d = self.in_size[axis], self.kernel[axis], self.stride[axis], self.dilation[axis]
+        size, k, s, d = (
+            self.in_size[axis],
+            self.kernel[axis],
+            self.stride[axis],
+            self.dilation[axis],
+        )
         lo, hi = self.pad_before[axis], self.pad_after[axis]
         counts = []
         for i in range(self.out_size[axis]):
@@ -158,7 +170,7 @@ def _torch_out_size(size: int, k: int, s: int, d: int, pad: int, ceil_mode: bool
 
 def window2d(
     op: str,
-    in_size: tuple[int, int],
+    in_size: Sequence[int],
     kernel_size: IntPair,
     stride: IntPair | None = None,
     padding: Padding = 0,
@@ -204,7 +216,7 @@ def window2d(
             f"kernel_size={kernel}, stride={strides}, padding={padding!r}, dilation={dil} "
             f"gives {out[0]}x{out[1]}"
         )
-    window = Window2d(tuple(in_size), kernel, strides, dil, before, after, out, same)  # type: ignore[arg-type]
+    window = Window2d((in_size[0], in_size[1]), kernel, strides, dil, before, after, out, same)  # type: ignore[arg-type]
     for axis in (0, 1):
         # Dilation can step over every real cell (PyTorch then returns -inf and its backward
         # corrupts memory): such a window has no value to pool, so refuse it.
@@ -217,13 +229,13 @@ def window2d(
 
 
 def adaptive_output_size(
-    output_size: int | None | Sequence[int | None], in_size: tuple[int, int], op: str
+    output_size: int | Sequence[int | None] | None, in_size: Sequence[int], op: str
 ) -> tuple[int, int]:
     """An adaptive pool's (H_out, W_out); None keeps that input dimension, as in PyTorch."""
     if output_size is None or isinstance(output_size, int):
         sizes = [output_size, output_size]
     else:
-        sizes = list(output_size)
+        sizes = list(output_size) if isinstance(output_size, Sequence) else []
         if len(sizes) != 2:
             raise TypeError(f"{op}: output_size must be an int or a pair, got {output_size!r}")
     resolved = []

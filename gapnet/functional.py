@@ -1,0 +1,440 @@
+"""Pooling ops on torch tensors, with autograd: the same signatures and rules as `gapnet.reference`.
+
+Every op validates its arguments in `gapnet._shapes`, views its input as NCHW (an NHWC tensor
+becomes a channels_last view of the same memory, so no layout costs a copy), runs a backend and
+views the result back into the input's layout.
+
+Backends: ``"torch"`` runs PyTorch's own pooling ops; ``"triton"`` runs gapnet's Triton kernels
+(CUDA, or the CPU interpreter under ``TRITON_INTERPRET=1``); ``"auto"`` (the default) picks the
+kernels for CUDA tensors of the dtypes they take when Triton is installed, and PyTorch otherwise.
+Pick one per call with ``backend=``, or for a block of code with ``use_backend(...)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from gapnet import _shapes
+from gapnet._shapes import IntPair, Layout, Padding, Window2d
+
+BACKENDS = ("auto", "torch", "triton")
+_default_backend = "auto"
+
+
+def set_backend(name: str) -> None:
+    """Set the backend that ops use when called without ``backend=`` ("auto", "torch", "triton")."""
+    global _default_backend
+    _default_backend = _check_backend(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run a block with another default backend, e.g. ``with use_backend("torch"): model(x)``."""
+    global _default_backend
+    previous, _default_backend = _default_backend, _check_backend(name)
+    try:
+        yield
+    finally:
+        _default_backend = previous
+
+
+def _check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    return name
+
+
+def _pick_backend(backend: str | None, x: Tensor, op: str) -> str:
+    """The backend that runs this call: "torch" or "triton"."""
+    name = _check_backend(_default_backend if backend is None else backend)
+    if name == "torch" or (name == "auto" and not x.is_cuda):
+        return "torch"
+    from gapnet import _ops  # keeps `import gapnet` free of Triton
+
+    reason = _ops.unsupported_reason(x)
+    if reason is None:
+        return "triton"
+    if name == "triton":
+        raise ValueError(f"{op}: backend='triton' cannot run this input: {reason}")
+    return "torch"
+
+
+def _as_nchw(x: Tensor, layout: str, op: str) -> tuple[Tensor, Layout]:
+    """Validate x for `layout` and return it as a (possibly channels_last) NCHW view."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op} expects a torch.Tensor, got {type(x).__name__}")
+    _shapes.check_float_dtype(str(x.dtype), op)
+    lay = _shapes.check_layout(layout, x.shape, op)
+    x4 = x if lay.batched else x.unsqueeze(0)
+    return x4.permute(lay.to_nchw), lay
+
+
+def _from_nchw(y: Tensor, lay: Layout) -> Tensor:
+    y = y.permute(lay.from_nchw)
+    return y if lay.batched else y.squeeze(0)
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    """Sums of float16/bfloat16/float32 are taken in float32, of float64 in float64."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _pad_value(x4: Tensor, win: Window2d, value: float) -> Tensor:
+    top, left = win.pad_before
+    bottom, right = win.pad_after
+    return F.pad(x4, (left, right, top, bottom), value=value)
+
+
+def _fits_torch_padding(win: Window2d) -> bool:
+    """Whether PyTorch's symmetric-padding pool can express this window directly."""
+    return win.pad_before == win.pad_after and all(
+        win.pad_before[a] <= win.kernel[a] // 2 for a in (0, 1)
+    )
+
+
+# ----------------------------------------------------------------------------- max_pool2d
+
+
+def max_pool2d(
+    x: Tensor,
+    kernel_size: IntPair,
+    stride: IntPair | None = None,
+    padding: Padding = 0,
+    dilation: IntPair = 1,
+    ceil_mode: bool = False,
+    *,
+    layout: str = "NCHW",
+    return_indices: bool = False,
+    backend: str | None = None,
+) -> Any:
+    """Max over each k x k window (PyTorch's rules; ``padding="same"`` as Keras).
+
+    Args:
+        x: input in `layout`; float16, bfloat16, float32 or float64.
+        kernel_size, stride, padding, dilation, ceil_mode: as ``torch.nn.functional.max_pool2d``;
+            `padding` may also be ``"valid"`` or ``"same"`` (output ``ceil(in / stride)``).
+        layout: "NCHW", "NHWC", "CHW" or "HWC".
+        return_indices: also return flat ``h * W + w`` indices of each window's maximum.
+        backend: "auto", "torch" or "triton" (default: the current default backend).
+
+    Shape:
+        (N, C, H, W) -> (N, C, H_out, W_out), in the input's layout.
+
+    Example:
+        >>> x = torch.arange(16.0).reshape(1, 1, 4, 4)
+        >>> max_pool2d(x, 2).flatten().tolist()
+        [5.0, 7.0, 13.0, 15.0]
+    """
+    op = "max_pool2d"
+    x4, lay = _as_nchw(x, layout, op)
+    win = _shapes.window2d(op, x4.shape[-2:], kernel_size, stride, padding, dilation, ceil_mode)
+    if _pick_backend(backend, x4, op) == "triton":
+        from gapnet import _ops
+
+        y, indices = _ops.max_pool2d(x4, win, return_indices)
+    elif _fits_torch_padding(win):
+        y, indices = F.max_pool2d(
+            x4, win.kernel, win.stride, win.pad_before, win.dilation, ceil_mode, True
+        )
+    else:  # asymmetric "same" padding: pad with -inf, then map indices back to the input
+        padded = _pad_value(x4, win, float("-inf"))
+        y, indices = F.max_pool2d(padded, win.kernel, win.stride, 0, win.dilation, False, True)
+        width = padded.shape[-1]
+        rows = indices // width - win.pad_before[0]
+        cols = indices % width - win.pad_before[1]
+        indices = rows * x4.shape[-1] + cols
+    y = _from_nchw(y, lay)
+    if not return_indices:
+        return y
+    assert indices is not None  # every backend returns indices when asked
+    return y, _from_nchw(indices, lay)
+
+
+# ----------------------------------------------------------------------------- avg_pool2d
+
+
+def avg_pool2d(
+    x: Tensor,
+    kernel_size: IntPair,
+    stride: IntPair | None = None,
+    padding: Padding = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+    divisor_override: int | None = None,
+    *,
+    layout: str = "NCHW",
+    backend: str | None = None,
+) -> Tensor:
+    """Mean over each k x k window (PyTorch's rules; ``padding="same"`` as Keras).
+
+    With ``padding="same"`` padded cells are never counted, whatever `count_include_pad` says.
+
+    Args:
+        x: input in `layout`; float16, bfloat16, float32 or float64.
+        kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override: as
+            ``torch.nn.functional.avg_pool2d``; `padding` may also be ``"valid"`` or ``"same"``.
+        layout: "NCHW", "NHWC", "CHW" or "HWC".
+        backend: "auto", "torch" or "triton".
+
+    Shape:
+        (N, C, H, W) -> (N, C, H_out, W_out), in the input's layout.
+
+    Example:
+        >>> x = torch.arange(16.0).reshape(1, 1, 4, 4)
+        >>> avg_pool2d(x, 2).flatten().tolist()
+        [2.5, 4.5, 10.5, 12.5]
+    """
+    op = "avg_pool2d"
+    _shapes.check_divisor_override(divisor_override, op)
+    x4, lay = _as_nchw(x, layout, op)
+    win = _shapes.window2d(op, x4.shape[-2:], kernel_size, stride, padding, 1, ceil_mode)
+    if _pick_backend(backend, x4, op) == "triton":
+        from gapnet import _ops
+
+        y = _ops.avg_pool2d(x4, win, count_include_pad, divisor_override)
+    elif not win.same:
+        y = F.avg_pool2d(
+            x4, win.kernel, win.stride, win.pad_before, ceil_mode, count_include_pad,
+            divisor_override,
+        )  # fmt: skip
+    else:  # Keras "same": sum over the zero-padded input, divide by the real cells only
+        padded = _pad_value(x4.to(_acc_dtype(x4)), win, 0.0)
+        sums = F.avg_pool2d(padded, win.kernel, win.stride, divisor_override=1)
+        if divisor_override is not None:
+            y = sums / divisor_override
+        else:
+            rows, cols = (
+                torch.tensor(win.divisors(False, a), dtype=sums.dtype, device=x.device)
+                for a in (0, 1)
+            )
+            y = sums / (rows[:, None] * cols[None, :])
+        y = y.to(x4.dtype)
+    return _from_nchw(y, lay)
+
+
+# ----------------------------------------------------------------------------- adaptive pools
+
+
+def adaptive_avg_pool2d(
+    x: Tensor, output_size: Any, *, layout: str = "NCHW", backend: str | None = None
+) -> Tensor:
+    """Mean over bins ``floor(i*In/Out) .. ceil((i+1)*In/Out)`` (PyTorch's adaptive pooling).
+
+    Args:
+        x: input in `layout`.
+        output_size: int or (H_out, W_out); None keeps that input dimension.
+        layout: "NCHW", "NHWC", "CHW" or "HWC".
+        backend: accepted for symmetry; adaptive pools always run PyTorch's kernels.
+
+    Shape:
+        (N, C, H, W) -> (N, C, H_out, W_out), in the input's layout.
+
+    Example:
+        >>> adaptive_avg_pool2d(torch.arange(6.0).reshape(1, 1, 2, 3), (1, 2)).tolist()
+        [[[[2.0, 3.0]]]]
+    """
+    op = "adaptive_avg_pool2d"
+    _check_backend(_default_backend if backend is None else backend)
+    x4, lay = _as_nchw(x, layout, op)
+    out = _shapes.adaptive_output_size(output_size, (x4.shape[-2], x4.shape[-1]), op)
+    return _from_nchw(F.adaptive_avg_pool2d(x4, out), lay)
+
+
+def adaptive_max_pool2d(
+    x: Tensor,
+    output_size: Any,
+    *,
+    layout: str = "NCHW",
+    return_indices: bool = False,
+    backend: str | None = None,
+) -> Any:
+    """Max over adaptive bins (PyTorch's rule), optionally with flat ``h * W + w`` indices.
+
+    Args:
+        x: input in `layout`.
+        output_size: int or (H_out, W_out); None keeps that input dimension.
+        layout: "NCHW", "NHWC", "CHW" or "HWC".
+        return_indices: also return the indices of each bin's maximum.
+        backend: accepted for symmetry; adaptive pools always run PyTorch's kernels.
+
+    Shape:
+        (N, C, H, W) -> (N, C, H_out, W_out), in the input's layout.
+
+    Example:
+        >>> adaptive_max_pool2d(torch.arange(6.0).reshape(1, 1, 2, 3), (1, 2)).tolist()
+        [[[[4.0, 5.0]]]]
+    """
+    op = "adaptive_max_pool2d"
+    _check_backend(_default_backend if backend is None else backend)
+    x4, lay = _as_nchw(x, layout, op)
+    out = _shapes.adaptive_output_size(output_size, (x4.shape[-2], x4.shape[-1]), op)
+    y, indices = F.adaptive_max_pool2d(x4, out, return_indices=True)
+    y = _from_nchw(y, lay)
+    return (y, _from_nchw(indices, lay)) if return_indices else y
+
+
+# ----------------------------------------------------------------------------- global pools
+
+
+def _torch_global_pool(x4: Tensor, kind: str, p: float | Tensor, eps: float) -> Tensor:
+    """(N, C, H, W) -> (N, C) or (N, 2C) with PyTorch ops; max gradients go to the first max."""
+    if kind == "gem":  # in float32: x^p overflows float16 from x = 40 on (p = 3)
+        x_acc = x4.to(_acc_dtype(x4)).clamp(min=eps)
+        return x_acc.pow(p).mean((2, 3)).pow(1.0 / p).to(x4.dtype)
+    avg = x4.mean((2, 3)) if kind != "max" else None
+    # adaptive_max_pool2d, unlike amax, sends a window's whole gradient to one element
+    peak = F.adaptive_max_pool2d(x4, 1).flatten(1) if kind != "avg" else None
+    if kind == "avg":
+        return avg  # type: ignore[return-value]
+    if kind == "max":
+        return peak  # type: ignore[return-value]
+    if kind == "avgmax":
+        return 0.5 * (avg + peak)  # type: ignore[operator]
+    return torch.cat((avg, peak), dim=1)  # type: ignore[arg-type]
+
+
+def global_pool2d(
+    x: Tensor,
+    kind: str = "avg",
+    *,
+    layout: str = "NCHW",
+    keepdim: bool = False,
+    p: float | Tensor = 3.0,
+    eps: float = 1e-6,
+    backend: str | None = None,
+) -> Tensor:
+    """Pool each channel's whole H x W plane to one value.
+
+    Args:
+        x: input in `layout`; float16, bfloat16, float32 or float64.
+        kind: "avg", "max", "avgmax" (mean of the two), "catavgmax" (the two concatenated along
+            channels: 2C outputs, average first) or "gem" (``mean(clamp(x, eps)^p)^(1/p)``).
+        layout: "NCHW", "NHWC", "CHW" or "HWC".
+        keepdim: keep H and W as size-1 axes in the layout's positions.
+        p: GeM exponent: a number, or a 1-element tensor to learn it.
+        eps: GeM clamp, so fractional powers of non-positive values never occur.
+        backend: "auto", "torch" or "triton".
+
+    Shape:
+        (N, C, H, W) or (N, H, W, C) -> (N, C); (C, H, W) or (H, W, C) -> (C,); C doubles for
+        "catavgmax".
+
+    Example:
+        >>> x = torch.tensor([[[1.0, 2.0], [3.0, 6.0]]])  # (C=1, H=2, W=2)
+        >>> global_pool2d(x, "avgmax", layout="CHW").tolist()
+        [4.5]
+    """
+    op = "global_pool2d"
+    _shapes.check_kind(kind, op)
+    if kind == "gem":
+        _shapes.check_gem(None if isinstance(p, Tensor) else p, eps)
+    x4, lay = _as_nchw(x, layout, op)
+    n, _, h, w = x4.shape
+    _shapes.check_global_input((h, w), op)
+    if _pick_backend(backend, x4, op) == "triton":
+        from gapnet import _ops
+
+        y = _ops.global_pool2d(x4, kind, p, eps)
+    else:
+        y = _torch_global_pool(x4, kind, p, eps)
+    return y.reshape(lay.pooled_shape(n, y.shape[1], keepdim))
+
+
+def global_avg_pool2d(
+    x: Tensor, *, layout: str = "NCHW", keepdim: bool = False, backend: str | None = None
+) -> Tensor:
+    """Global average pooling: each channel's mean over H x W (``global_pool2d(x, "avg")``).
+
+    Args:
+        x: input in `layout`.
+        layout: "NCHW", "NHWC", "CHW" or "HWC".
+        keepdim: keep H and W as size-1 axes.
+        backend: "auto", "torch" or "triton".
+
+    Shape:
+        (H, W, C) -> (C,) for any H and W; (N, C, H, W) -> (N, C).
+
+    Example:
+        >>> global_avg_pool2d(torch.ones(5, 7, 3), layout="HWC").tolist()
+        [1.0, 1.0, 1.0]
+    """
+    return global_pool2d(x, "avg", layout=layout, keepdim=keepdim, backend=backend)
+
+
+def global_max_pool2d(
+    x: Tensor, *, layout: str = "NCHW", keepdim: bool = False, backend: str | None = None
+) -> Tensor:
+    """Global max pooling: each channel's maximum over H x W (``global_pool2d(x, "max")``).
+
+    Args:
+        x: input in `layout`.
+        layout: "NCHW", "NHWC", "CHW" or "HWC".
+        keepdim: keep H and W as size-1 axes.
+        backend: "auto", "torch" or "triton".
+
+    Shape:
+        (N, C, H, W) -> (N, C).
+
+    Example:
+        >>> global_max_pool2d(torch.arange(8.0).reshape(1, 2, 2, 2)).tolist()
+        [[3.0, 7.0]]
+    """
+    return global_pool2d(x, "max", layout=layout, keepdim=keepdim, backend=backend)
+
+
+def gap_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    layout: str = "NCHW",
+    return_maps: bool = False,
+    backend: str | None = None,
+) -> Any:
+    """A GAP classifier head in one call: ``linear(global_avg_pool2d(x), weight, bias)``.
+
+    Because the mean is linear, the same logits are the spatial means of the class activation
+    maps ``weight @ x`` at every location (plus bias): `return_maps` returns those maps too.
+
+    Args:
+        x: feature map in `layout`.
+        weight: (K, C) classifier weights; bias: (K,) or None.
+        layout: "NCHW", "NHWC", "CHW" or "HWC".
+        return_maps: also return the (N, K, H, W) class activation maps (no gradient).
+        backend: "auto", "torch" or "triton".
+
+    Shape:
+        (N, C, H, W) -> logits (N, K) [, maps (N, K, H, W) in NCHW].
+
+    Example:
+        >>> x, w = torch.randn(2, 4, 3, 3), torch.randn(5, 4)
+        >>> logits, maps = gap_linear(x, w, return_maps=True)
+        >>> torch.allclose(maps.mean((2, 3)), logits, atol=1e-6)
+        True
+    """
+    op = "gap_linear"
+    x4, lay = _as_nchw(x, layout, op)
+    _shapes.check_global_input((x4.shape[-2], x4.shape[-1]), op)
+    if weight.ndim != 2 or weight.shape[1] != x4.shape[1]:
+        raise ValueError(
+            f"{op}: weight must be (num_classes, {x4.shape[1]}), got {tuple(weight.shape)}"
+        )
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"{op}: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if _pick_backend(backend, x4, op) == "triton":
+        from gapnet import _ops
+
+        logits, maps = _ops.gap_linear(x4, weight, bias, return_maps)
+    else:
+        logits = F.linear(x4.mean((2, 3)), weight, bias)
+        # the maps are a by-product for CAM and carry no gradient, on every backend
+        maps = torch.einsum("kc,nchw->nkhw", weight, x4).detach() if return_maps else None
+    if not lay.batched:
+        logits, maps = logits[0], None if maps is None else maps[0]
+    return (logits, maps) if return_maps else logits

@@ -1,0 +1,673 @@
+"""Image classifiers whose head is global average pooling (GAP) or, for comparison, an FC layer.
+
+A model is a fully convolutional backbone (`ConvNet`, or `NiN` after Lin et al. 2013) and one
+of the interchangeable heads in `HEADS`, built by `create_head`. The API follows timm:
+``forward_features`` -> (N, C, h, w), ``forward_head(x, pre_logits=...)``,
+``reset_classifier``. Every pooled head also gives class activation maps (Zhou et al. 2016)
+through ``class_maps``; for "gap" and "gap-fc" the mean of each map is exactly its logit.
+
+A `ModelConfig` describes a model completely and travels with checkpoints as JSON;
+``create(name, ...)`` builds the registered ones (`list_models()`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gapnet.nn import AvgPool2d, ClassifierHead, GeM, GlobalPool2d, MaxPool2d
+
+ARCHS = ("convnet", "nin")
+FC_HEADS = ("fc", "fc-dropout")
+# head name -> GlobalPool2d kind of the ClassifierHead it builds
+POOLED_HEADS = {
+    "gap-fc": "avg",  # ResNet's head: GAP -> Linear
+    "gmp": "max",
+    "avgmax": "avgmax",
+    "catavgmax": "catavgmax",  # 2C pooled features
+    "gem": "gem",  # learnable p
+}
+HEADS = (*FC_HEADS, "gap", *POOLED_HEADS)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model; checkpoints carry it as JSON (`to_dict`).
+
+    Example:
+        >>> cfg = ModelConfig(head="gap-fc", widths=(8, 16))
+        >>> ModelConfig.from_dict(cfg.to_dict()) == cfg
+        True
+    """
+
+    arch: str = "convnet"  # backbone family: "convnet" (conv-BN-ReLU stages) or "nin" (Lin et al.)
+    num_classes: int = 10  # classifier outputs K; 0 removes the last classifier layer
+    in_chans: int = 1  # input channels: 1 for MNIST, 3 for RGB
+    head: str = "gap"  # one of HEADS: "gap" is NiN's 1x1 conv + GAP, "fc" the classic baseline
+    widths: tuple[int, ...] = (32, 64, 128)  # convnet: channels per stage; 2x2 max pool between
+    depth: int = 2  # convnet: conv3x3-BN-ReLU blocks per stage
+    input_size: int = 28  # H = W the fc heads are sized for; global-pooling heads take any size
+    fc_hidden: int = 512  # hidden units of the fc heads; 0 makes them a single Linear
+    drop_rate: float = 0.5  # dropout before each Linear of "fc-dropout", and between NiN blocks
+    gem_p: float = 3.0  # initial exponent of the "gem" head (learnable)
+
+    def __post_init__(self) -> None:
+        self.widths = tuple(self.widths)  # JSON gives a list
+        if self.arch not in ARCHS:
+            raise ValueError(
+                f"ModelConfig.arch must be one of {', '.join(ARCHS)}, got {self.arch!r}"
+            )
+        if self.head not in HEADS:
+            raise ValueError(
+                f"ModelConfig.head must be one of {', '.join(HEADS)}, got {self.head!r}"
+            )
+        _check_int("num_classes", self.num_classes, 0)
+        _check_int("in_chans", self.in_chans, 1)
+        _check_int("depth", self.depth, 1)
+        _check_int("input_size", self.input_size, 1)
+        _check_int("fc_hidden", self.fc_hidden, 0)
+        if not self.widths:
+            raise ValueError("ModelConfig.widths must name at least one stage, got ()")
+        for width in self.widths:
+            _check_int("widths", width, 1, shown=self.widths)
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"ModelConfig.drop_rate must be in [0, 1), got {self.drop_rate}")
+        if not self.gem_p > 0:
+            raise ValueError(f"ModelConfig.gem_p must be > 0, got {self.gem_p}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        d["widths"] = list(self.widths)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        """The config `to_dict` wrote; unknown keys are an error, missing ones take defaults."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ValueError(
+                f"ModelConfig: unknown keys {unknown}; known keys are {', '.join(known)}"
+            )
+        return cls(**d)
+
+
+def _check_int(name: str, value: Any, minimum: int, shown: Any = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = f"an int >= {minimum}" if shown is None else f"ints >= {minimum}"
+        raise ValueError(
+            f"ModelConfig.{name} must be {what}, got {value if shown is None else shown!r}"
+        )
+
+
+# ----------------------------------------------------------------------------- backbones
+
+
+class ConvBnAct(nn.Sequential):
+    """conv kxk (same padding, no bias: BN has one) -> BatchNorm -> ReLU.
+
+    Shape:
+        (N, in_chs, H, W) -> (N, out_chs, H, W).
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 3) -> None:
+        super().__init__(
+            OrderedDict(
+                conv=nn.Conv2d(in_chs, out_chs, kernel_size, padding=kernel_size // 2, bias=False),
+                bn=nn.BatchNorm2d(out_chs),
+                act=nn.ReLU(inplace=True),
+            )
+        )
+
+
+class Backbone(nn.Sequential):
+    """A fully convolutional feature extractor: (N, in_chans, H, W) -> (N, num_features, h, w)."""
+
+    num_features: int  # channels C of the feature map
+    min_input_size: int  # smallest H (and W) that leaves a non-empty feature map
+
+    def feature_size(self, size: int) -> int:
+        """The feature map's h for an input of height `size` (the same rule maps W to w)."""
+        raise NotImplementedError
+
+
+class ConvNet(Backbone):
+    """Stages of `depth` conv3x3-BN-ReLU blocks, a 2x2 max pool before every stage but the first.
+
+    Args:
+        in_chans: input channels.
+        widths: channels of each stage.
+        depth: blocks per stage.
+
+    Shape:
+        (N, in_chans, H, W) -> (N, widths[-1], H // 2^(S-1), W // 2^(S-1)) for S stages; any
+        H, W >= 2^(S-1).
+
+    Example:
+        >>> ConvNet(1, (8, 16, 32), depth=1)(torch.randn(2, 1, 28, 28)).shape
+        torch.Size([2, 32, 7, 7])
+    """
+
+    def __init__(self, in_chans: int, widths: tuple[int, ...], depth: int) -> None:
+        stages: OrderedDict[str, nn.Module] = OrderedDict()
+        prev = in_chans
+        for i, width in enumerate(widths):
+            layers: OrderedDict[str, nn.Module] = OrderedDict()
+            if i > 0:
+                layers["pool"] = MaxPool2d(2)  # (N, C, H, W) -> (N, C, H // 2, W // 2)
+            for j in range(depth):
+                layers[f"block{j}"] = ConvBnAct(prev, width)
+                prev = width
+            stages[f"stage{i}"] = nn.Sequential(layers)
+        super().__init__(stages)
+        self.num_features = widths[-1]
+        self.num_pools = len(widths) - 1
+        self.min_input_size = 2**self.num_pools
+
+    def feature_size(self, size: int) -> int:
+        return size // 2**self.num_pools
+
+
+class NiN(Backbone):
+    """Network in Network's three mlpconv blocks (Lin et al. 2013), without the last 1x1 conv.
+
+    Each mlpconv is a kxk conv and two 1x1 convs ("cccp", a per-pixel MLP), each followed by
+    BatchNorm and ReLU (the original has no BN; modern variants add it, which trains faster and
+    holds up in bf16). Pools use Caffe's ceil rounding, as the original: 32 -> 16 -> 8. The
+    original's last 1x1 conv to the classes and its GAP are the model's "gap" head.
+
+    Args:
+        in_chans: input channels (3 for CIFAR).
+        drop_rate: dropout after the first two blocks (0.5 in the paper).
+
+    Shape:
+        (N, in_chans, H, W) -> (N, 192, h, w), h = ceil((ceil((H - 3) / 2) + 1 - 3) / 2) + 1
+        (8 for 32); any H, W >= 6.
+
+    Example:
+        >>> NiN(3).eval()(torch.randn(1, 3, 32, 32)).shape
+        torch.Size([1, 192, 8, 8])
+    """
+
+    def __init__(self, in_chans: int = 3, drop_rate: float = 0.5) -> None:
+        super().__init__(
+            OrderedDict(
+                mlpconv1=_mlpconv(in_chans, 192, 5, 160, 96),  # (N, 96, H, W)
+                pool1=MaxPool2d(3, 2, ceil_mode=True),  # (N, 96, H1, W1), H1 = ceil((H-3)/2)+1
+                drop1=nn.Dropout(drop_rate),
+                mlpconv2=_mlpconv(96, 192, 5, 192, 192),  # (N, 192, H1, W1)
+                pool2=AvgPool2d(3, 2, ceil_mode=True),  # (N, 192, H2, W2)
+                drop2=nn.Dropout(drop_rate),
+                mlpconv3=_mlpconv(192, 192, 3, 192),  # (N, 192, H2, W2)
+            )
+        )
+        self.num_features = 192
+        self.min_input_size = 6
+
+    def feature_size(self, size: int) -> int:
+        for _ in range(2):
+            size = -(-(size - 3) // 2) + 1  # 3x3 window, stride 2, ceil_mode
+        return size
+
+
+def _mlpconv(in_chs: int, width: int, kernel_size: int, *cccp: int) -> nn.Sequential:
+    layers: OrderedDict[str, nn.Module] = OrderedDict(conv=ConvBnAct(in_chs, width, kernel_size))
+    for i, out_chs in enumerate(cccp):
+        layers[f"cccp{i + 1}"] = ConvBnAct(width, out_chs, 1)
+        width = out_chs
+    return nn.Sequential(layers)
+
+
+def create_backbone(config: ModelConfig) -> Backbone:
+    """The backbone `config.arch` names."""
+    if config.arch == "nin":
+        return NiN(config.in_chans, config.drop_rate)
+    return ConvNet(config.in_chans, config.widths, config.depth)
+
+
+# ----------------------------------------------------------------------------- heads
+
+
+class FcHead(nn.Module):
+    """The classic classifier: flatten -> Linear -> ReLU -> Linear; one input size only.
+
+    Args:
+        in_features: channels C of the feature map.
+        feat_size: (h, w) of the feature map the head is sized for.
+        num_classes: outputs K; 0 drops the last Linear (forward gives the hidden activations).
+        hidden: hidden units; 0 makes the head one Linear(C*h*w, K).
+        drop_rate: dropout before each Linear (NiN's regulariser for FC heads).
+        input_size: input H = W that gives `feat_size`, named in errors.
+        kind: "fc" or "fc-dropout", the head's name.
+
+    Shape:
+        (N, C, h, w) -> (N, K); ``pre_logits=True`` gives the flattened (N, C*h*w).
+
+    Example:
+        >>> head = FcHead(32, (7, 7), 10, hidden=64)
+        >>> head(torch.randn(2, 32, 7, 7)).shape, head(torch.randn(2, 32, 7, 7), True).shape
+        (torch.Size([2, 10]), torch.Size([2, 1568]))
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        feat_size: tuple[int, int],
+        num_classes: int,
+        hidden: int = 512,
+        drop_rate: float = 0.0,
+        *,
+        input_size: int | None = None,
+        kind: str = "fc",
+    ) -> None:
+        super().__init__()
+        self.kind, self.in_features, self.num_classes = kind, in_features, num_classes
+        self.feat_size, self.input_size = tuple(feat_size), input_size
+        flat = in_features * feat_size[0] * feat_size[1]
+        self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
+        self.hidden = nn.Linear(flat, hidden) if hidden > 0 else None
+        self.act = nn.ReLU(inplace=True)
+        width = hidden if hidden > 0 else flat
+        self.fc = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
+
+    def check(self, shape: torch.Size, input_shape: torch.Size | None = None) -> None:
+        """Raise ValueError unless `shape` is the (N, C, h, w) map this head was built for."""
+        expected = (self.in_features, *self.feat_size)
+        if len(shape) == 4 and tuple(shape[1:]) == expected:
+            return
+        c, h, w = expected
+        built = f"{c}x{h}x{w} feature maps"
+        if self.input_size is not None:
+            built += f" (from {self.input_size}x{self.input_size} inputs)"
+        got = (
+            "a " + "x".join(str(s) for s in shape[1:]) + " feature map"
+            if len(shape) == 4
+            else f"features of shape {tuple(shape)}"
+        )
+        if input_shape is not None:
+            got += f" (from a {input_shape[-2]}x{input_shape[-1]} input)"
+        pooled = ", ".join(k for k in HEADS if k not in FC_HEADS)
+        raise ValueError(
+            f"{self.kind} head was built for {built}, got {got}; a fully connected "
+            f"head takes one input size only: only the global-pooling heads ({pooled}) accept "
+            "any size"
+        )
+
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        self.check(x.shape)
+        x = x.flatten(1)  # (N, C*h*w), in NCHW order whatever the memory format
+        if pre_logits:
+            return x
+        if self.hidden is not None:
+            x = self.act(self.hidden(self.drop(x)))  # (N, hidden)
+        return self.fc(self.drop(x))  # (N, K)
+
+    def class_maps(self, x: Tensor) -> Tensor:
+        """Always a TypeError: a fully connected head has no per-location class scores."""
+        raise TypeError(
+            f"{self.kind} head has no class activation maps: a fully connected layer mixes every "
+            "location into every logit (it throws away where things are), so there is no "
+            "per-location class score; use a global-pooling head such as 'gap' or 'gap-fc'"
+        )
+
+
+class GapHead(nn.Module):
+    """NiN's head: a 1x1 conv to one map per class, then global average pooling.
+
+    Each logit is the mean of its class map (bias included), so ``class_maps`` are exact CAMs.
+
+    Args:
+        in_features: channels C of the feature map.
+        num_classes: classes K; 0 leaves the pooled features.
+
+    Shape:
+        (N, C, h, w) -> (N, K) for any h and w; ``pre_logits=True`` gives the pooled (N, C).
+
+    Example:
+        >>> head, x = GapHead(32, 10), torch.randn(2, 32, 5, 9)
+        >>> torch.allclose(head.class_maps(x).mean((2, 3)), head(x), atol=1e-6)
+        True
+    """
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.kind, self.in_features, self.num_classes = "gap", in_features, num_classes
+        self.conv = nn.Conv2d(in_features, num_classes, 1) if num_classes > 0 else None
+        self.global_pool = GlobalPool2d("avg")
+
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        if pre_logits or self.conv is None:
+            return self.global_pool(x)  # (N, C)
+        return self.global_pool(self.conv(x))  # (N, K, h, w) -> (N, K)
+
+    def class_maps(self, x: Tensor) -> Tensor:
+        """(N, C, h, w) -> (N, K, h, w): the 1x1 conv's output, bias included; mean == logit."""
+        if self.conv is None:
+            raise ValueError("gap head has num_classes=0: no classifier, so no class maps")
+        return self.conv(x)
+
+
+class PooledHead(ClassifierHead):
+    """A global pool -> Linear head (`gapnet.nn.ClassifierHead`) named by its head kind.
+
+    "gap-fc" (ResNet's head) pools by average, so the mean of each class map plus the bias is
+    exactly the logit. "gmp", "avgmax", "catavgmax" and "gem" (GeM with a learnable p) are not
+    linear in the map, so their class maps show where the evidence is but do NOT average to
+    the logits.
+
+    Args:
+        in_features: channels C of the feature map.
+        num_classes: classes K; 0 leaves the pooled features.
+        kind: "gap-fc", "gmp", "avgmax", "catavgmax" or "gem".
+        gem_p: initial p of "gem".
+
+    Shape:
+        (N, C, h, w) -> (N, K) for any h and w; ``pre_logits=True`` gives (N, C * feat_mult),
+        2C for "catavgmax".
+
+    Example:
+        >>> head, x = PooledHead(32, 10, "gap-fc"), torch.randn(2, 32, 6, 6)
+        >>> maps = head.class_maps(x)
+        >>> torch.allclose(maps.mean((2, 3)) + head.fc.bias, head(x), atol=1e-6)
+        True
+    """
+
+    def __init__(self, in_features: int, num_classes: int, kind: str, gem_p: float = 3.0) -> None:
+        if kind not in POOLED_HEADS:
+            raise ValueError(
+                f"PooledHead: kind must be one of {', '.join(POOLED_HEADS)}, got {kind!r}"
+            )
+        super().__init__(in_features, num_classes, pool=POOLED_HEADS[kind])
+        self.kind = kind
+        if kind == "gem":
+            self.global_pool = GeM(p=gem_p, learnable=True)
+
+    def class_maps(self, x: Tensor) -> Tensor:
+        """(N, C, h, w) -> (N, K, h, w): W·features at each location, without the bias.
+
+        For "catavgmax" each location stands in for both pooled halves: (W_avg + W_max)·x.
+        """
+        if not isinstance(self.fc, nn.Linear):
+            raise ValueError(f"{self.kind} head has num_classes=0: no classifier, so no class maps")
+        weight = self.fc.weight  # (K, C * feat_mult)
+        if self.global_pool.feat_mult() == 2:
+            weight = weight[:, : self.in_features] + weight[:, self.in_features :]
+        return F.conv2d(x, weight[:, :, None, None])  # (N, K, h, w)
+
+
+Head = FcHead | GapHead | PooledHead
+
+
+def create_head(
+    kind: str,
+    in_features: int,
+    num_classes: int,
+    *,
+    feat_size: tuple[int, int] | None = None,
+    input_size: int | None = None,
+    fc_hidden: int = 512,
+    drop_rate: float = 0.5,
+    gem_p: float = 3.0,
+) -> Head:
+    """The one selector of heads: build head `kind` (one of `HEADS`) over C = `in_features`.
+
+    Args:
+        kind: head name, one of `HEADS`.
+        in_features: channels C of the feature map.
+        num_classes: classes K.
+        feat_size: (h, w) of the feature map; the fc heads need it.
+        input_size: input H = W that gives `feat_size` (fc heads name it in errors).
+        fc_hidden: hidden units of the fc heads.
+        drop_rate: dropout of "fc-dropout".
+        gem_p: initial p of "gem".
+
+    Shape:
+        (N, C, h, w) -> (N, K).
+
+    Example:
+        >>> [type(create_head(k, 8, 3, feat_size=(2, 2))).__name__ for k in ("fc", "gap", "gem")]
+        ['FcHead', 'GapHead', 'PooledHead']
+    """
+    if kind in FC_HEADS:
+        if feat_size is None:
+            raise ValueError(f"{kind} head needs feat_size, the (h, w) of the feature map")
+        rate = drop_rate if kind == "fc-dropout" else 0.0
+        return FcHead(
+            in_features, feat_size, num_classes, fc_hidden, rate, input_size=input_size, kind=kind
+        )
+    if kind == "gap":
+        return GapHead(in_features, num_classes)
+    if kind in POOLED_HEADS:
+        return PooledHead(in_features, num_classes, kind, gem_p)
+    raise ValueError(f"head must be one of {', '.join(HEADS)}, got {kind!r}")
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class GapNet(nn.Module):
+    """A fully convolutional backbone and an interchangeable head, built from a `ModelConfig`.
+
+    Args:
+        config: the architecture; kept as ``model.config`` (and updated by `reset_classifier`).
+
+    Shape:
+        (N, in_chans, H, W) -> (N, num_classes); any H, W >= ``backbone.min_input_size`` with a
+        global-pooling head, only ``config.input_size`` with an fc head.
+
+    Example:
+        >>> model = GapNet(ModelConfig(widths=(8, 16), depth=1)).eval()
+        >>> model(torch.randn(2, 1, 28, 28)).shape, model(torch.randn(2, 1, 40, 36)).shape
+        (torch.Size([2, 10]), torch.Size([2, 10]))
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"GapNet expects a ModelConfig, got {type(config).__name__}")
+        self.config = dataclasses.replace(config)  # own copy: reset_classifier updates it
+        self.backbone = create_backbone(config)
+        self.num_features = self.backbone.num_features
+        self.head: Head = self._new_head(config)
+
+    def _new_head(self, config: ModelConfig) -> Head:
+        feat_size: tuple[int, int] | None = None
+        if config.head in FC_HEADS:
+            if config.input_size < self.backbone.min_input_size:
+                raise ValueError(
+                    f"{config.head} head: input_size must be >= {self.backbone.min_input_size} "
+                    f"for this {config.arch} backbone, got {config.input_size}"
+                )
+            side = self.backbone.feature_size(config.input_size)
+            feat_size = (side, side)
+        return create_head(
+            config.head, self.num_features, config.num_classes, feat_size=feat_size,
+            input_size=config.input_size, fc_hidden=config.fc_hidden,
+            drop_rate=config.drop_rate, gem_p=config.gem_p,
+        )  # fmt: skip
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def _check_input(self, x: Tensor) -> None:
+        c = self.config.in_chans
+        if x.ndim != 4 or x.shape[1] != c:
+            raise ValueError(
+                f"{self.config.arch} expects input (N, {c}, H, W) (in_chans={c}), "
+                f"got shape {tuple(x.shape)}"
+            )
+        low = self.backbone.min_input_size
+        if min(x.shape[-2:]) < low:
+            raise ValueError(
+                f"{self.config.arch} needs inputs of at least {low}x{low}, "
+                f"got {x.shape[-2]}x{x.shape[-1]}"
+            )
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(N, in_chans, H, W) -> the feature map (N, C, h, w)."""
+        self._check_input(x)
+        return self.backbone(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """(N, C, h, w) -> logits (N, K), or the head's input features with `pre_logits`."""
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = self.forward_features(x)  # (N, C, h, w)
+        if isinstance(self.head, FcHead):
+            self.head.check(features.shape, x.shape)  # names the input size in the error
+        return self.forward_head(features)  # (N, K)
+
+    def class_maps(self, x: Tensor) -> Tensor:
+        """(N, in_chans, H, W) -> class activation maps (N, K, h, w); see the head's docs."""
+        return self.head.class_maps(self.forward_features(x))
+
+    def get_classifier(self) -> Head:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, head: str | None = None) -> None:
+        """Replace the head with a freshly initialised one, optionally of another kind."""
+        config = dataclasses.replace(
+            self.config, num_classes=num_classes, head=self.config.head if head is None else head
+        )
+        new = self._new_head(config)
+        ref = next(self.backbone.parameters())
+        self.head = new.to(device=ref.device, dtype=ref.dtype)
+        self.config = config
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameter counts (BatchNorm running statistics are buffers, not counted)."""
+        backbone = sum(p.numel() for p in self.backbone.parameters())
+        head = sum(p.numel() for p in self.head.parameters())
+        return {"backbone": backbone, "head": head, "total": backbone + head}
+
+
+# ----------------------------------------------------------------------------- registry
+
+# name -> the ModelConfig fields it sets (the rest keep ModelConfig's defaults)
+_MODELS: dict[str, dict[str, Any]] = {
+    "convnet": dict(arch="convnet", in_chans=1, widths=(32, 64, 128), depth=2, input_size=28),
+    "convnet-tiny": dict(arch="convnet", in_chans=1, widths=(8, 16, 32), depth=1, input_size=28),
+    "nin": dict(arch="nin", in_chans=3, input_size=32),
+}
+
+
+def list_models() -> list[str]:
+    """Names `create` accepts.
+
+    Example:
+        >>> list_models()
+        ['convnet', 'convnet-tiny', 'nin']
+    """
+    return list(_MODELS)
+
+
+def model_config(
+    name: str,
+    num_classes: int = 10,
+    in_chans: int | None = None,
+    head: str = "gap",
+    **overrides: Any,
+) -> ModelConfig:
+    """The `ModelConfig` that ``create`` builds, without building it (arguments as `create`)."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(_MODELS)}")
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; known heads: {', '.join(HEADS)}")
+    fields = {**_MODELS[name], "num_classes": num_classes, "head": head, **overrides}
+    if in_chans is not None:
+        fields["in_chans"] = in_chans
+    return ModelConfig.from_dict(fields)
+
+
+def create(
+    name: str,
+    num_classes: int = 10,
+    in_chans: int | None = None,
+    head: str = "gap",
+    **overrides: Any,
+) -> GapNet:
+    """Build registered model `name` with `head`.
+
+    Args:
+        name: one of `list_models()`.
+        num_classes: classes K.
+        in_chans: input channels; None keeps the model's own (1 for convnet, 3 for nin).
+        head: one of `HEADS`.
+        overrides: any other `ModelConfig` field, e.g. ``input_size=32`` for an fc head
+            (default 28 for convnet, 32 for nin) or ``widths=(16, 32)``.
+
+    Example:
+        >>> model = create("convnet-tiny", head="fc")
+        >>> model.param_counts()["head"], model.config.input_size
+        (808458, 28)
+    """
+    return GapNet(model_config(name, num_classes, in_chans, head, **overrides))
+
+
+# ----------------------------------------------------------------------------- layer table
+
+
+class LayerRow(NamedTuple):
+    name: str  # dotted module path; "input" for the first row
+    type: str  # module class name
+    shape: tuple[int, ...]  # output shape of one sample, e.g. (32, 28, 28)
+    params: int  # parameters the module itself holds (a module run twice counts once)
+
+
+def layer_table(model: GapNet, input_size: int | tuple[int, int]) -> list[LayerRow]:
+    """Each leaf module's output shape and parameters, from one eval forward on a random input.
+
+    Args:
+        model: the model; its train/eval mode is restored afterwards.
+        input_size: H = W, or (H, W), of the input.
+
+    Example:
+        >>> rows = layer_table(create("convnet-tiny"), 28)
+        >>> rows[-1], sum(r.params for r in rows) == create("convnet-tiny").param_counts()["total"]
+        (LayerRow(name='head.global_pool', type='GlobalPool2d', shape=(10,), params=0), True)
+    """
+    h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
+    ref = next(model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, model.config.in_chans, h, w, generator=generator)
+    x = x.to(device=ref.device, dtype=ref.dtype)
+    rows = [LayerRow("input", "Tensor", tuple(x.shape[1:]), 0)]
+    seen: set[str] = set()
+
+    def hook(name: str) -> Any:
+        def record(module: nn.Module, inputs: Any, output: Any) -> None:
+            params = 0 if name in seen else sum(p.numel() for p in module.parameters(False))
+            seen.add(name)
+            shape = tuple(output.shape[1:]) if isinstance(output, Tensor) else ()
+            rows.append(LayerRow(name, type(module).__name__, shape, params))
+
+        return record
+
+    handles = [
+        module.register_forward_hook(hook(name))
+        for name, module in model.named_modules()
+        if name and (not any(module.children()) or any(module.parameters(False)))
+    ]
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(training)
+    return rows

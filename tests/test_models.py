@@ -1,0 +1,435 @@
+"""Tests for gapnet.models: shapes, hand-counted parameters, CAM identities, config, registry."""
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gapnet import models as M
+from gapnet.nn import ClassifierHead
+
+POOLED = [h for h in M.HEADS if h not in M.FC_HEADS]  # heads that take any input size
+K = 7  # classes in the shape tests: not 10, so a stray default shows
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: with two or more intra-op threads on a busy machine, thread
+    hand-offs cost more than the convolutions (measured: 60 s against 8 s for this file)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=dtype)
+
+
+def tiny(head: str = "gap", num_classes: int = K, **overrides) -> M.GapNet:
+    """convnet-tiny (widths 8, 16, 32; depth 1) in eval mode, with seeded weights."""
+    torch.manual_seed(0)
+    return M.create("convnet-tiny", num_classes=num_classes, head=head, **overrides).eval()
+
+
+def conv_params(c_in: int, c_out: int, k: int = 3) -> int:
+    """Conv (no bias) + BatchNorm (weight and bias per channel)."""
+    return c_in * c_out * k * k + 2 * c_out
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize("size", [28, 40, 64])
+@pytest.mark.parametrize("head", POOLED)
+def test_pooled_heads_take_any_size(head, size):
+    model = tiny(head)
+    x = randn(2, 1, size, size)
+    features = model.forward_features(x)
+    assert features.shape == (2, 32, size // 4, size // 4)  # two 2x2 pools
+    assert model(x).shape == (2, K)
+    assert model.forward_head(features).shape == (2, K)
+
+
+@pytest.mark.parametrize("head", M.FC_HEADS)
+def test_fc_heads_at_their_size(head):
+    model = tiny(head)
+    x = randn(2, 1, 28, 28)
+    assert model(x).shape == (2, K)
+    assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, 32 * 7 * 7)
+
+
+@settings(max_examples=15, deadline=None)
+@given(h=st.integers(4, 50), w=st.integers(4, 50), n=st.integers(1, 3))
+def test_any_input_size_non_square(h, w, n):
+    model = tiny("gap")
+    x = randn(n, 1, h, w, seed=h * 100 + w)
+    assert model.forward_features(x).shape == (n, 32, h // 4, w // 4)
+    assert model(x).shape == (n, K)
+
+
+@pytest.mark.parametrize(
+    "head, width",
+    [
+        ("gap", 32),  # pooled features C, before the 1x1 conv (GAP commutes with it)
+        ("gap-fc", 32),
+        ("gmp", 32),
+        ("avgmax", 32),
+        ("catavgmax", 64),  # avg and max concatenated: 2C
+        ("gem", 32),
+        ("fc", 32 * 7 * 7),  # the flattened map, input of the hidden layer
+        ("fc-dropout", 32 * 7 * 7),
+    ],
+)
+def test_pre_logits_width(head, width):
+    model = tiny(head)
+    features = model.forward_features(randn(3, 1, 28, 28))
+    assert model.forward_head(features, pre_logits=True).shape == (3, width)
+
+
+def test_gap_pre_logits_are_the_pooled_features():
+    model = tiny("gap")
+    features = model.forward_features(randn(2, 1, 36, 28))
+    torch.testing.assert_close(model.forward_head(features, True), features.mean((2, 3)))
+
+
+# --------------------------------------------------------------------------- fc input size
+
+
+def test_fc_rejects_wrong_size():
+    model = tiny("fc")
+    with pytest.raises(ValueError) as err:
+        model(randn(2, 1, 40, 40))
+    msg = str(err.value)
+    for part in ("32x7x7", "28x28", "32x10x10", "40x40", "gap", "any size"):
+        assert part in msg, (part, msg)
+
+
+def test_fc_head_alone_rejects_wrong_map():
+    head = tiny("fc-dropout").head
+    with pytest.raises(ValueError, match=r"built for 32x7x7 .*28x28.* got a 32x5x5 feature map"):
+        head(randn(2, 32, 5, 5))
+    with pytest.raises(ValueError, match="got a 16x7x7"):  # wrong channels too
+        head(randn(2, 16, 7, 7))
+
+
+def test_fc_input_size_override():
+    model = tiny("fc", input_size=40)
+    assert model(randn(2, 1, 40, 40)).shape == (2, K)
+    assert model.head.feat_size == (10, 10)
+    with pytest.raises(ValueError, match="input_size must be >= 4"):
+        tiny("fc", input_size=3)
+
+
+# --------------------------------------------------------------------------- parameter counts
+
+# the default convnet on 28x28 MNIST: widths (32, 64, 128), depth 2, K = 10, C = 128, 7x7 map
+C, HW, HID, NC = 128, 7 * 7, 512, 10
+CONVNET_BACKBONE = (
+    conv_params(1, 32) + conv_params(32, 32)  # stage 0: 288 + 64, 9216 + 64
+    + conv_params(32, 64) + conv_params(64, 64)  # stage 1
+    + conv_params(64, 128) + conv_params(128, 128)  # stage 2
+)  # fmt: skip
+HEAD_PARAMS = {
+    "fc": C * HW * HID + HID + HID * NC + NC,  # Linear(6272, 512) + Linear(512, 10)
+    "fc-dropout": C * HW * HID + HID + HID * NC + NC,  # dropout has no parameters
+    "gap": C * NC + NC,  # 1x1 conv with bias
+    "gap-fc": C * NC + NC,  # Linear(C, K)
+    "gmp": C * NC + NC,
+    "avgmax": C * NC + NC,
+    "catavgmax": 2 * C * NC + NC,  # Linear(2C, K)
+    "gem": C * NC + NC + 1,  # plus the learnable p
+}
+
+
+def test_convnet_backbone_hand_count():
+    assert CONVNET_BACKBONE == 286_880
+    assert M.create("convnet").param_counts()["backbone"] == CONVNET_BACKBONE
+
+
+@pytest.mark.parametrize("head", M.HEADS)
+def test_head_param_counts(head):
+    counts = M.create("convnet", head=head).param_counts()
+    assert counts["head"] == HEAD_PARAMS[head]
+    assert counts["total"] == CONVNET_BACKBONE + HEAD_PARAMS[head]
+
+
+def test_fc_without_hidden_layer():
+    counts = M.create("convnet", head="fc", fc_hidden=0).param_counts()
+    assert counts["head"] == C * HW * NC + NC  # a single Linear(6272, 10)
+
+
+def test_gap_head_is_over_1000x_smaller_than_fc():
+    fc = M.create("convnet", head="fc").param_counts()["head"]
+    gap = M.create("convnet", head="gap").param_counts()["head"]
+    assert (fc, gap) == (3_216_906, 1_290)
+    assert fc / gap >= 1000  # about 2494x
+
+
+def test_nin_hand_count():
+    convs = (
+        conv_params(3, 192, 5) + conv_params(192, 160, 1) + conv_params(160, 96, 1)  # mlpconv1
+        + conv_params(96, 192, 5) + 2 * conv_params(192, 192, 1)  # mlpconv2
+        + conv_params(192, 192, 3) + conv_params(192, 192, 1)  # mlpconv3, less the class conv
+    )  # fmt: skip
+    counts = M.create("nin").param_counts()
+    assert counts == {"backbone": convs, "head": 192 * 10 + 10, "total": convs + 1930}
+
+
+# --------------------------------------------------------------------------- class maps
+
+
+@pytest.mark.parametrize("size", [(28, 28), (40, 52)])
+@pytest.mark.parametrize("head", ["gap", "gap-fc"])
+def test_cam_identity(head, size):
+    """The mean of each class map is its logit: exact for GAP heads, by linearity of the mean."""
+    model = tiny(head).double()
+    x = randn(3, 1, *size, dtype=torch.float64)
+    logits, maps = model(x), model.class_maps(x)
+    assert maps.shape == (3, K, size[0] // 4, size[1] // 4)
+    bias = model.head.fc.bias if head == "gap-fc" else 0.0  # gap's maps include the bias
+    torch.testing.assert_close(maps.mean((2, 3)) + bias, logits, rtol=1e-12, atol=1e-12)
+    # float32 too, to float tolerance
+    model32, x32 = model.float(), x.float()
+    bias32 = model32.head.fc.bias if head == "gap-fc" else 0.0
+    torch.testing.assert_close(model32.class_maps(x32).mean((2, 3)) + bias32, model32(x32))
+
+
+@pytest.mark.parametrize("head", ["gmp", "avgmax", "catavgmax", "gem"])
+def test_class_maps_of_nonlinear_pools(head):
+    """The maps exist (W·features per location) but do not average to the logits."""
+    model = tiny(head)
+    x = randn(2, 1, 28, 28)
+    features = model.forward_features(x)
+    maps = model.head.class_maps(features)
+    assert maps.shape == (2, K, 7, 7)
+    weight = model.head.fc.weight
+    if head == "catavgmax":
+        weight = weight[:, :32] + weight[:, 32:]
+    torch.testing.assert_close(maps, torch.einsum("kc,nchw->nkhw", weight, features))
+    assert not torch.allclose(maps.mean((2, 3)) + model.head.fc.bias, model(x), atol=1e-3)
+
+
+@pytest.mark.parametrize("head", M.FC_HEADS)
+def test_fc_heads_have_no_class_maps(head):
+    model = tiny(head)
+    with pytest.raises(TypeError, match="throws away where things are"):
+        model.class_maps(randn(1, 1, 28, 28))
+
+
+# --------------------------------------------------------------------------- heads and reset
+
+
+@pytest.mark.parametrize("head", M.HEADS)
+def test_head_kind_and_selector(head):
+    model = tiny(head)
+    assert model.head.kind == head == model.config.head
+    assert isinstance(model.head, ClassifierHead) == (head in M.POOLED_HEADS)
+    with pytest.raises(ValueError, match="head must be one of fc, fc-dropout, gap"):
+        M.create_head("dense", 32, K)
+
+
+def test_reset_classifier():
+    model = tiny("fc")
+    backbone = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    model.reset_classifier(3, head="catavgmax")
+    assert (model.head.kind, model.config.head, model.num_classes) == ("catavgmax", "catavgmax", 3)
+    assert model.config.num_classes == 3
+    x = randn(2, 1, 44, 36)  # any size now
+    assert model(x).shape == (2, 3)
+    for k, v in model.backbone.state_dict().items():  # the backbone is untouched
+        assert torch.equal(v, backbone[k])
+    old = model.head.fc.weight.detach().clone()
+    model.reset_classifier(5)  # same kind, fresh weights
+    assert model.head.kind == "catavgmax" and model(x).shape == (2, 5)
+    assert model.head.fc.weight.shape == (5, 64)
+    assert not torch.equal(model.head.fc.weight[:3], old)
+
+
+def test_reset_classifier_keeps_dtype():
+    model = tiny("gap").double()
+    model.reset_classifier(4, head="gem")
+    assert all(p.dtype == torch.float64 for p in model.head.parameters())
+    assert model(randn(1, 1, 28, 28, dtype=torch.float64)).shape == (1, 4)
+
+
+@pytest.mark.parametrize("head", POOLED)
+def test_num_classes_zero_gives_pooled_features(head):
+    model = tiny(head, num_classes=0)
+    x = randn(2, 1, 28, 28)
+    width = 64 if head == "catavgmax" else 32
+    assert model(x).shape == (2, width)
+
+
+@pytest.mark.parametrize("head", M.HEADS)
+def test_backward_reaches_every_parameter(head):
+    model = tiny(head).train()
+    model(randn(4, 1, 28, 28)).square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing
+
+
+# --------------------------------------------------------------------------- NiN
+
+
+@pytest.fixture(scope="module")
+def nin() -> M.GapNet:
+    torch.manual_seed(0)
+    return M.create("nin").eval()
+
+
+def test_nin_forward(nin):
+    x = randn(2, 3, 32, 32)
+    assert nin.forward_features(x).shape == (2, 192, 8, 8)  # 32 -> 16 -> 8, ceil rounding
+    assert nin(x).shape == (2, 10)
+    assert nin.head.kind == "gap"
+    maps = nin.class_maps(x)
+    torch.testing.assert_close(maps.mean((2, 3)), nin(x))
+
+
+def test_nin_channels_last(nin):
+    x = randn(2, 3, 32, 32)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    features = nin.forward_features(xc)
+    assert features.is_contiguous(memory_format=torch.channels_last)  # no hidden copies to NCHW
+    torch.testing.assert_close(nin(xc), nin(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [6, 7, 24, 45])
+def test_nin_any_size(nin, size):
+    assert nin(randn(1, 3, size, size)).shape == (1, 10)
+    side = nin.backbone.feature_size(size)
+    assert nin.forward_features(randn(1, 3, size, size)).shape == (1, 192, side, side)
+
+
+def test_nin_training_step_and_fc_head():
+    torch.manual_seed(0)
+    model = M.create("nin", num_classes=4, head="fc-dropout", fc_hidden=16)
+    assert model.head.feat_size == (8, 8)
+    loss = torch.nn.functional.cross_entropy(model(randn(2, 3, 32, 32)), torch.tensor([0, 3]))
+    loss.backward()
+    assert loss.isfinite()
+
+
+# --------------------------------------------------------------------------- input validation
+
+
+@pytest.mark.parametrize(
+    "shape, expected",
+    [
+        ((2, 3, 28, 28), r"\(N, 1, H, W\) \(in_chans=1\), got shape \(2, 3, 28, 28\)"),  # RGB
+        ((1, 28, 28), r"in_chans=1\), got shape \(1, 28, 28\)"),  # unbatched
+        ((2, 1, 3, 28), "at least 4x4, got 3x28"),  # too small for two 2x2 pools
+    ],
+)
+def test_bad_input(shape, expected):
+    with pytest.raises(ValueError, match=expected):
+        tiny()(randn(*shape))
+
+
+# --------------------------------------------------------------------------- config and registry
+
+
+def test_config_json_roundtrip():
+    cfg = M.ModelConfig(arch="convnet", num_classes=3, head="gem", widths=(4, 8), gem_p=2.5)
+    text = json.dumps(cfg.to_dict())
+    again = M.ModelConfig.from_dict(json.loads(text))
+    assert again == cfg and again.widths == (4, 8)
+    model = M.GapNet(again)
+    assert model.config == cfg and model.config is not cfg
+
+
+def test_model_config_is_in_the_checkpoint_sense_complete():
+    torch.manual_seed(0)
+    model = M.create("convnet-tiny", head="catavgmax", num_classes=3).eval()
+    twin = M.GapNet(M.ModelConfig.from_dict(json.loads(json.dumps(model.config.to_dict()))))
+    twin.load_state_dict(model.state_dict())
+    x = randn(2, 1, 28, 28)
+    torch.testing.assert_close(twin.eval()(x), model(x))
+
+
+def test_config_rejects_unknown_keys():
+    with pytest.raises(ValueError, match=r"unknown keys \['colour'\]; known keys are arch"):
+        M.ModelConfig.from_dict({"arch": "convnet", "colour": "red"})
+
+
+@pytest.mark.parametrize(
+    "fields, expected",
+    [
+        ({"arch": "resnet"}, "arch must be one of convnet, nin, got 'resnet'"),
+        ({"head": "mlp"}, "head must be one of fc, fc-dropout, gap, gap-fc"),
+        ({"widths": ()}, "widths must name at least one stage"),
+        ({"widths": (8, 0)}, r"widths must be ints >= 1, got \(8, 0\)"),
+        ({"depth": 0}, "depth must be an int >= 1, got 0"),
+        ({"num_classes": -1}, "num_classes must be an int >= 0, got -1"),
+        ({"in_chans": 2.0}, "in_chans must be an int >= 1, got 2.0"),  # a float is a mistake
+        ({"drop_rate": 1.0}, r"drop_rate must be in \[0, 1\), got 1.0"),
+        ({"gem_p": 0}, "gem_p must be > 0, got 0"),
+    ],
+)
+def test_config_validation(fields, expected):
+    with pytest.raises(ValueError, match=expected):
+        M.ModelConfig(**fields)
+
+
+def test_registry():
+    assert M.list_models() == ["convnet", "convnet-tiny", "nin"]
+    convnet = M.create("convnet")
+    assert convnet.config.widths == (32, 64, 128) and convnet.config.depth == 2
+    assert (convnet.config.in_chans, convnet.num_classes, convnet.head.kind) == (1, 10, "gap")
+    assert M.create("nin").config.in_chans == 3  # RGB by default
+    rgb = M.create("convnet-tiny", num_classes=5, in_chans=3, head="gmp", widths=(4, 8))
+    assert rgb(randn(1, 3, 20, 20)).shape == (1, 5)
+    assert M.create("convnet", head="fc").config.input_size == 28
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        (
+            {"name": "resnet50"},
+            "unknown model 'resnet50'; known models: convnet, convnet-tiny, nin",
+        ),
+        ({"name": "convnet", "head": "mlp"}, "unknown head 'mlp'; known heads: fc, fc-dropout"),
+        ({"name": "convnet", "width": 3}, r"unknown keys \['width'\]"),  # a typo in an override
+    ],
+)
+def test_create_errors(kwargs, expected):
+    with pytest.raises(ValueError, match=expected):
+        M.create(**kwargs)
+
+
+def test_gapnet_needs_a_config():
+    with pytest.raises(TypeError, match="expects a ModelConfig, got dict"):
+        M.GapNet({"arch": "convnet"})  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- layer table
+
+
+@pytest.mark.parametrize("name, head", [("convnet", "fc-dropout"), ("convnet-tiny", "gem"),
+                                        ("nin", "gap")])  # fmt: skip
+def test_layer_table(name, head):
+    model = M.create(name, head=head).train()
+    size = model.config.input_size
+    rows = M.layer_table(model, size)
+    assert model.training  # mode restored
+    assert rows[0] == ("input", "Tensor", (model.config.in_chans, size, size), 0)
+    assert sum(r.params for r in rows) == model.param_counts()["total"]
+    assert rows[-1].shape == (10,)
+    names = [r.name for r in rows]
+    assert len(set(names)) == len(names) or head == "fc-dropout"  # its dropout runs twice
+
+
+def test_layer_table_shapes():
+    rows = {r.name: r for r in M.layer_table(tiny("gap"), (40, 28))}
+    assert rows["backbone.stage0.block0.conv"].shape == (8, 40, 28)
+    assert rows["backbone.stage2.pool"] == ("backbone.stage2.pool", "MaxPool2d", (16, 10, 7), 0)
+    assert rows["head.conv"].shape == (K, 10, 7)
+    assert rows["head.global_pool"].shape == (K,)
+
+
+# --------------------------------------------------------------------------- docs
