@@ -28,14 +28,21 @@ from gapnet._shapes import Window2d
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def unsupported_reason(x: Tensor) -> str | None:
-    """Why the Triton kernels cannot take `x`, or None when they can."""
+# A reason that starts with this only keeps backend="auto" off the kernels; "triton" runs anyway.
+AUTO_ONLY = "auto:"
+
+
+def unsupported_reason(x: Tensor, win: Window2d | None = None) -> str | None:
+    """Why the Triton kernels cannot (or, under "auto", should not) take `x`; None if they can."""
     if not _HAS_TRITON:
         return "Triton is not installed (pip install gapnet[triton])"
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         return f"the tensor is on {x.device.type}; the kernels need CUDA (or TRITON_INTERPRET=1)"
     if x.dtype not in KERNEL_DTYPES:
         return f"the kernels take float16, bfloat16 and float32, got {str(x.dtype)[6:]}"
+    if win is not None and win.kernel[0] * win.kernel[1] > _window_kernels().MAX_TAPS:
+        # every tap is unrolled: a huge window compiles for minutes (289 taps: 80 s on sm_90)
+        return f"{AUTO_ONLY} a {win.kernel[0]}x{win.kernel[1]} window is slow to compile"
     return None
 
 

@@ -50,19 +50,19 @@ def _check_backend(name: str) -> str:
     return name
 
 
-def _pick_backend(backend: str | None, x: Tensor, op: str) -> str:
+def _pick_backend(backend: str | None, x: Tensor, op: str, win: Window2d | None = None) -> str:
     """The backend that runs this call: "torch" or "triton"."""
     name = _check_backend(_default_backend if backend is None else backend)
     if name == "torch" or (name == "auto" and not x.is_cuda):
         return "torch"
     from gapnet import _ops  # keeps `import gapnet` free of Triton
 
-    reason = _ops.unsupported_reason(x)
+    reason = _ops.unsupported_reason(x, win)
     if reason is None:
         return "triton"
-    if name == "triton":
+    if name == "triton" and not reason.startswith(_ops.AUTO_ONLY):
         raise ValueError(f"{op}: backend='triton' cannot run this input: {reason}")
-    return "torch"
+    return "triton" if name == "triton" else "torch"
 
 
 def _as_nchw(x: Tensor, layout: str, op: str) -> tuple[Tensor, Layout]:
@@ -134,7 +134,7 @@ def max_pool2d(
     op = "max_pool2d"
     x4, lay = _as_nchw(x, layout, op)
     win = _shapes.window2d(op, x4.shape[-2:], kernel_size, stride, padding, dilation, ceil_mode)
-    if _pick_backend(backend, x4, op) == "triton":
+    if _pick_backend(backend, x4, op, win) == "triton":
         from gapnet import _ops
 
         y, indices = _ops.max_pool2d(x4, win, return_indices)
@@ -194,7 +194,7 @@ def avg_pool2d(
     _shapes.check_divisor_override(divisor_override, op)
     x4, lay = _as_nchw(x, layout, op)
     win = _shapes.window2d(op, x4.shape[-2:], kernel_size, stride, padding, 1, ceil_mode)
-    if _pick_backend(backend, x4, op) == "triton":
+    if _pick_backend(backend, x4, op, win) == "triton":
         from gapnet import _ops
 
         y = _ops.avg_pool2d(x4, win, count_include_pad, divisor_override)

@@ -324,14 +324,19 @@ def _launch(kernel: Any, grid: int, args: tuple, constexprs: tuple, num_warps: i
     compiled kernel and calls it directly. Triton >= 3.3 passes constexprs to compiled kernels
     too; older Tritons and the interpreter always take the plain path.
     """
+    global _FAST_LAUNCH
     key = None
     if _FAST_LAUNCH:
         specs = [(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, Tensor) else a for a in args]
         key = (kernel, num_warps, args[0].device.index, *constexprs, *specs)
         compiled = _COMPILED.get(key)
         if compiled is not None:
-            compiled[(grid, 1, 1)](*args, *constexprs)
-            return
+            try:
+                compiled[(grid, 1, 1)](*args, *constexprs)
+                return
+            except TypeError:  # a Triton whose compiled kernels take other arguments
+                _FAST_LAUNCH = False
+                key = None
     names = kernel.arg_names[len(args) :]
     compiled = kernel[(grid,)](
         *args, **dict(zip(names, constexprs, strict=True)), num_warps=num_warps

@@ -12,7 +12,9 @@ Every launcher takes a resolved `gapnet._shapes.Window2d` and tensors that are l
 Both index their tensors through strides (no `.contiguous()` copy); outputs follow the input's
 memory format, as PyTorch. Window geometry (kernel, stride, dilation, leading padding) is
 `tl.constexpr`: few values occur in practice and the tap loops unroll with every
-tap-validity test resolved at compile time.
+tap-validity test resolved at compile time. The unrolling has a price: Triton 3.6 took 80 s
+to compile a 17x17 forward and 150 s for its backward, so the dispatcher should send windows
+of more than `MAX_TAPS` taps to PyTorch.
 
 Backward kernels are gathers: a program owns a tile of grad_x and pulls, for each tap, the one
 output whose window lands that tap on each cell, so every element of grad_x is written exactly
@@ -20,15 +22,26 @@ once, with no atomics and no zero-fill pass, bitwise deterministically. They til
 "cell" space: cell (qh, qw) covers input rows qh*SH + ph, ph in range(SH) (and likewise
 columns). For a fixed phase (ph, pw) the taps that can reach a cell and the output they come
 from (oh = qh + const) are known at compile time, so each cell visits only its ~(K/S)^2 live
-taps with no per-element division or modulo; the max_pool2d stem (k3 s2) backward does 2.25
-tap visits per input cell instead of 9, which is what keeps it under the issue-rate budget of a
-memory-bound kernel at bf16.
+taps with no per-element division or modulo; with strides of 2 each nearby output's grad_y and
+saved tap are loaded once per cell and handed to all its phases (`_bwd_small_stride`).
 
 Max pooling saves, for the backward, only the chosen tap `a*KW + b` of each window (uint8 when
 the window has at most 256 taps): one byte per output instead of PyTorch's int64 index.
 
 float16, bfloat16 and float32 only, accumulating in float32; float64 is routed to PyTorch by
 the dispatcher in `gapnet.functional` (these kernels would lose its precision).
+
+Measured on an H100 80GB HBM3 (copy 3.0 TB/s), PyTorch 2.11, Triton 3.6, medians of
+`triton.testing.do_bench`, fraction of the byte floor (eager PyTorch in brackets), before the
+planar stride-2 pair loads and interleaved backward stores, which are not yet measured:
+channels_last: max k3 s2 stem fp32 fwd 0.90 (0.38), bwd 0.96 (0.17); bf16 fwd 0.73-0.83,
+bwd 0.93; max k2 s2 0.91-0.98; avg k3 s1 fp32 0.86/0.90, bf16 0.70/0.74; avg k2 s2 0.86-0.92.
+planar: max stem fp32 fwd 0.36 (eager 0.45, torch.compile 0.92), bf16 0.29, bwd 0.54/0.23;
+max k2 s2 fwd 0.76/0.59, bwd 0.43/0.23; avg k3 s1 fwd 0.67/0.33, bwd 0.54/0.24; avg k2 s2
+fwd 0.64/0.46, bwd 0.22/0.09. The planar stride-2 loads read every other element (half of each
+sector per instruction) and its backward stored every other element: `_tap_pair` and
+`_store_row` now read and write whole sectors; planar stride-1 windows still issue one
+misaligned load per tap and are bound by load instructions.
 """
 
 from __future__ import annotations
@@ -56,6 +69,11 @@ _FWD_TILE = 1024  # outputs per forward program
 _BWD_TILE = 2048
 _NUM_WARPS = 4
 _MAX_GRID_Z = 65535
+# Pair loads for planar stride-2 windows (see _tap_pair); False restores one load per tap.
+_PAIRS = True
+# Windows with more taps than this compile for minutes (every tap unrolls): the dispatcher
+# should send them to PyTorch. The kernels themselves take any window.
+MAX_TAPS = 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,11 +107,62 @@ def _first_real_tap(start, K: tl.constexpr, D: tl.constexpr, PAD: tl.constexpr):
 
 
 @triton.jit
+def _tap(
+    rp,  # row pointers of one tap row, broadcastable to the tile
+    rmask,  # tile elements whose tap row is a real row
+    ow,
+    W,
+    sxw,
+    SW: tl.constexpr,
+    DW: tl.constexpr,
+    PL: tl.constexpr,
+    B: tl.constexpr,
+    OTHER: tl.constexpr,
+):
+    """Tap column B of one tap row for each output column (OTHER at padding)."""
+    iw = ow * SW - PL + B * DW
+    cmask = iw < W
+    if PL > 0:
+        cmask = cmask & (iw >= 0)
+    return tl.load(rp + iw * sxw, mask=rmask & cmask, other=OTHER)
+
+
+@triton.jit
+def _tap_pair(
+    rp,  # row pointers of one tap row, (B0, B1, 1)
+    rowmask,  # planes and rows of the tile that exist, this tap row being a real row
+    col0,  # first output column of the tile
+    W,
+    sxw,
+    M: tl.constexpr,
+    OTHER: tl.constexpr,
+    BLOCK_0: tl.constexpr,
+    BLOCK_1: tl.constexpr,
+    BLOCK_2: tl.constexpr,
+):
+    """Input columns 2*(ow + M) and 2*(ow + M) + 1 of one tap row, as two tile-shaped tensors.
+
+    For planar tiles with SW == 2 and DW == 1 (the ResNet stem, VGG's 2x2): windows two columns
+    apart tile each row with pairs, so one contiguous load of 2*BLOCK_2 columns serves two
+    taps and reads whole sectors along the lanes, where a load per tap reads every other
+    element (half of every sector per instruction, twice the instructions). The columns are
+    one arange (not a join of even and odd ones) so that the compiler sees them contiguous,
+    lays lanes along them and vectorises the pairs.
+    """
+    iw = 2 * (col0 + M) + tl.arange(0, 2 * BLOCK_2)[None, None, :]  # (1, 1, 2*B2)
+    mask = rowmask & (iw >= 0) & (iw < W)
+    pairs = tl.load(rp + iw * sxw, mask=mask, other=OTHER)  # (B0, B1, 2*B2)
+    return tl.split(tl.reshape(pairs, [BLOCK_0, BLOCK_1, BLOCK_2, 2]))
+
+
+@triton.jit
 def _max_window(
     xp,  # pointer tensor: the (n, c) base of each tile element, broadcastable
     oh,  # output rows, broadcastable
     ow,  # output columns, broadcastable
-    omask,
+    omask,  # tile elements that exist
+    lmask,  # omask without its column term (planar: planes and rows)
+    col0,  # first output column of a planar tile
     H,
     W,
     sxh,
@@ -107,6 +176,10 @@ def _max_window(
     PT: tl.constexpr,
     PL: tl.constexpr,
     NEED_IDX: tl.constexpr,
+    PAIRS: tl.constexpr,
+    BLOCK_0: tl.constexpr,
+    BLOCK_1: tl.constexpr,
+    BLOCK_2: tl.constexpr,
 ):
     """Max over each window, row-major, `v > m or isnan(v)`: first maximum, last NaN."""
     ih0 = oh * SH - PT
@@ -118,24 +191,38 @@ def _max_window(
         idx += _first_real_tap(ih0, KH, DH, PT) * KW + _first_real_tap(iw0, KW, DW, PL)
     for a in tl.static_range(KH):
         ih = ih0 + a * DH
-        rmask = omask & (ih < H)
+        real = ih < H
         if PT > 0:
-            rmask = rmask & (ih >= 0)
+            real = real & (ih >= 0)
+        rmask = omask & real
+        rowmask = lmask & real
         rp = xp + ih * sxh  # row pointers, computed once per row and tap row
-        for b in tl.static_range(KW):
-            iw = iw0 + b * DW
-            cmask = iw < W
-            if PL > 0:
-                cmask = cmask & (iw >= 0)
-            # Compare in float32: exact for every input dtype, and the interpreter stores
-            # bfloat16 as raw uint16 bits, which would not compare as numbers.
-            # Padded taps read -inf, never taken: `take` needs no mask (predicate registers
-            # are few, and a masked `take` spills them).
-            v = tl.load(rp + iw * sxw, mask=rmask & cmask, other=float("-inf")).to(tl.float32)
-            take = (v > m) | (v != v)
-            m = tl.where(take, v, m)
-            if NEED_IDX:
-                idx = tl.where(take, a * KW + b, idx)
+        # Padded taps read -inf, never taken: `take` needs no mask (predicate registers are
+        # few, and a masked `take` spills them). Compare in float32: exact for every input
+        # dtype, and the interpreter stores bfloat16 as raw uint16 bits.
+        if PAIRS:
+            # Tap b is element (b - PL) % 2 of pair (b - PL) // 2; pairs in order keep taps
+            # in row-major order.
+            for pm in tl.static_range(-PL // 2, (KW - 1 - PL) // 2 + 1):
+                even, odd = _tap_pair(
+                    rp, rowmask, col0, W, sxw, pm, float("-inf"), BLOCK_0, BLOCK_1, BLOCK_2
+                )
+                for j in tl.static_range(2):
+                    if 2 * pm + j + PL >= 0 and 2 * pm + j + PL < KW:
+                        v = even.to(tl.float32)
+                        if j == 1:
+                            v = odd.to(tl.float32)
+                        take = (v > m) | (v != v)
+                        m = tl.where(take, v, m)
+                        if NEED_IDX:
+                            idx = tl.where(take, a * KW + 2 * pm + j + PL, idx)
+        else:
+            for b in tl.static_range(KW):
+                v = _tap(rp, rmask, ow, W, sxw, SW, DW, PL, b, float("-inf")).to(tl.float32)
+                take = (v > m) | (v != v)
+                m = tl.where(take, v, m)
+                if NEED_IDX:
+                    idx = tl.where(take, a * KW + b, idx)
     return m, idx
 
 
@@ -145,6 +232,8 @@ def _avg_window(
     oh,
     ow,
     omask,
+    lmask,
+    col0,
     H,
     W,
     PB,
@@ -161,6 +250,10 @@ def _avg_window(
     PT: tl.constexpr,
     PL: tl.constexpr,
     DIV_MODE: tl.constexpr,
+    PAIRS: tl.constexpr,
+    BLOCK_0: tl.constexpr,
+    BLOCK_1: tl.constexpr,
+    BLOCK_2: tl.constexpr,
 ):
     """Float32 sum of the real taps of each window over its divisor."""
     ih0 = oh * SH - PT
@@ -168,16 +261,22 @@ def _avg_window(
     acc = tl.zeros(omask.shape, tl.float32)
     for a in tl.static_range(KH):
         ih = ih0 + a * DH
-        rmask = omask & (ih < H)
+        real = ih < H
         if PT > 0:
-            rmask = rmask & (ih >= 0)
+            real = real & (ih >= 0)
+        rmask = omask & real
+        rowmask = lmask & real
         rp = xp + ih * sxh
-        for b in tl.static_range(KW):
-            iw = iw0 + b * DW
-            cmask = iw < W
-            if PL > 0:
-                cmask = cmask & (iw >= 0)
-            acc += tl.load(rp + iw * sxw, mask=rmask & cmask, other=0.0).to(tl.float32)
+        if PAIRS:
+            for pm in tl.static_range(-PL // 2, (KW - 1 - PL) // 2 + 1):
+                even, odd = _tap_pair(rp, rowmask, col0, W, sxw, pm, 0.0, BLOCK_0, BLOCK_1, BLOCK_2)
+                if 2 * pm + PL >= 0:
+                    acc += even.to(tl.float32)
+                if 2 * pm + 1 + PL < KW:
+                    acc += odd.to(tl.float32)
+        else:
+            for b in tl.static_range(KW):
+                acc += _tap(rp, rmask, ow, W, sxw, SW, DW, PL, b, 0.0).to(tl.float32)
     if DIV_MODE == 0:
         out = acc / divisor
     else:
@@ -359,17 +458,68 @@ def _store_phase(
     SW: tl.constexpr,
     SCALE: tl.constexpr,
 ):
-    """Store the gradients of cells' phase (PH, PW): every SH-th row, every SW-th column.
-
-    The columns of one phase are strided, but the other phases of the same sectors follow
-    from the same program straight after, so L2 merges them before they reach DRAM.
-    """
+    """Store the gradients of cells' phase (PH, PW): every SH-th row, every SW-th column."""
     h = qh * SH + PH
     w = qw * SW + PW
     if SCALE:
         acc = acc * inv_divisor
     mask = cmask & (h < H) & (w < W)
     tl.store(gx_ptr + (xbase + (h * sxh + w * sxw)), acc.to(gx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_row(
+    gx_ptr,
+    xbase,
+    acc_even,
+    acc_odd,
+    qh,
+    qw,
+    cmask,
+    rmask,
+    H,
+    W,
+    sxh,
+    sxw,
+    inv_divisor,
+    PH: tl.constexpr,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    SCALE: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_0: tl.constexpr,
+    BLOCK_1: tl.constexpr,
+    BLOCK_2: tl.constexpr,
+):
+    """Store the cells' row phase PH: column phase 0 (`acc_even`) and, for SW == 2, 1.
+
+    Planar with SW == 2: the two column phases are interleaved in registers (join + reshape),
+    so each store instruction writes whole sectors. Stored apart, each would write every other
+    element, and the sectors' halves would reach L2 from different instructions (measured on an
+    H100: the strided version of the k2 s2 avg backward ran at 0.09-0.22 of the floor).
+    channels_last needs no interleave: each phase's stores are runs of C.
+    """
+    if SW == 2 and not CHANNELS_LAST:
+        h = qh * SH + PH
+        # One arange, not a join of even and odd columns: the compiler then sees the columns
+        # contiguous and lays the store's lanes (and vectors) along them.
+        w = 2 * (tl.program_id(0) * BLOCK_2) + tl.arange(0, 2 * BLOCK_2)[None, None, :]
+        acc = tl.reshape(tl.join(acc_even, acc_odd), [BLOCK_0, BLOCK_1, 2 * BLOCK_2])
+        if SCALE:
+            acc = acc * inv_divisor
+        mask = rmask & (h < H) & (w < W)
+        gxoff = xbase + (h * sxh + w * sxw)
+        tl.store(gx_ptr + gxoff, acc.to(gx_ptr.dtype.element_ty), mask=mask)
+    else:
+        _store_phase(
+            gx_ptr, xbase, acc_even, qh, qw, cmask, H, W, sxh, sxw, inv_divisor,
+            PH, 0, SH, SW, SCALE,
+        )  # fmt: skip
+        if SW == 2:
+            _store_phase(
+                gx_ptr, xbase, acc_odd, qh, qw, cmask, H, W, sxh, sxw, inv_divisor,
+                PH, 1, SH, SW, SCALE,
+            )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,7 +547,8 @@ def _tile(
     splits a grid taller than CUDA's 65535.
     planar: [BLOCK_0 planes, BLOCK_1 rows, BLOCK_2 columns], grid (col tiles, row tiles,
     plane tiles); channels_last: [BLOCK_0 rows, BLOCK_1 columns, BLOCK_2 channels], grid
-    (channel tiles, col tiles, row tiles * N).
+    (channel tiles, col tiles, row tiles * N). The last result is the mask without its
+    column term.
     """
     if CHANNELS_LAST:
         z = tl.program_id(2) + Z0
@@ -406,7 +557,7 @@ def _tile(
         rows = (z % tiles_h) * BLOCK_0 + tl.arange(0, BLOCK_0)[:, None, None]  # (B0, 1, 1)
         cols = tl.program_id(1) * BLOCK_1 + tl.arange(0, BLOCK_1)[None, :, None]  # (1, B1, 1)
         ch = tl.program_id(0) * BLOCK_2 + tl.arange(0, BLOCK_2)[None, None, :]  # (1, 1, B2)
-        mask = (rows < OH) & (cols < OW) & (ch < C)
+        lane_mask = (rows < OH) & (ch < C)  # (B0, 1, B2)
         c = ch.to(tl.int64)
     else:
         pl = (tl.program_id(2) + Z0) * BLOCK_0 + tl.arange(0, BLOCK_0)[:, None, None]
@@ -414,8 +565,8 @@ def _tile(
         cols = tl.program_id(0) * BLOCK_2 + tl.arange(0, BLOCK_2)[None, None, :]
         n = (pl // C).to(tl.int64)
         c = (pl % C).to(tl.int64)
-        mask = (pl < P) & (rows < OH) & (cols < OW)
-    return n, c, rows, cols, mask
+        lane_mask = (pl < P) & (rows < OH)  # (B0, B1, 1)
+    return n, c, rows, cols, lane_mask & (cols < OW), lane_mask
 
 
 @triton.jit
@@ -448,17 +599,24 @@ def _max_pool2d_fwd_kernel(
     PT: tl.constexpr,
     PL: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
+    PAIRS: tl.constexpr,  # see _tap_pair
+    EVEN: tl.constexpr,  # x's plane and row strides are even: pairs are aligned
     BLOCK_0: tl.constexpr,  # planes (planar) or output rows (channels_last)
     BLOCK_1: tl.constexpr,  # output rows (planar) or columns (channels_last)
     BLOCK_2: tl.constexpr,  # output columns (planar) or channels (channels_last)
     NEED_OFFSETS: tl.constexpr,
     RETURN_INDICES: tl.constexpr,
 ):
-    n, c, oh, ow, omask = _tile(Z0, P, C, OH, OW, CHANNELS_LAST, BLOCK_0, BLOCK_1, BLOCK_2)
+    n, c, oh, ow, omask, lmask = _tile(Z0, P, C, OH, OW, CHANNELS_LAST, BLOCK_0, BLOCK_1, BLOCK_2)
+    col0 = tl.program_id(0) * BLOCK_2  # planar tiles' first output column
+    if EVEN:
+        # Tell the compiler what the launcher checked (pairs start at even addresses, and W
+        # is even so that no pair straddles the row's end), so that pair loads are vector loads.
+        sxn, sxc, sxh, W = (sxn // 2) * 2, (sxc // 2) * 2, (sxh // 2) * 2, (W // 2) * 2
     xp = x_ptr + (n * sxn + c * sxc)
     m, idx = _max_window(
-        xp, oh, ow, omask, H, W, sxh, sxw, KH, KW, SH, SW, DH, DW, PT, PL,
-        NEED_OFFSETS or RETURN_INDICES,
+        xp, oh, ow, omask, lmask, col0, H, W, sxh, sxw, KH, KW, SH, SW, DH, DW, PT, PL,
+        NEED_OFFSETS or RETURN_INDICES, PAIRS, BLOCK_0, BLOCK_1, BLOCK_2,
     )  # fmt: skip
     yoff = (n * syn + c * syc) + (oh * syh + ow * syw)  # offsets/indices share y's strides
     tl.store(y_ptr + yoff, m.to(y_ptr.dtype.element_ty), mask=omask)
@@ -503,15 +661,20 @@ def _avg_pool2d_fwd_kernel(
     PL: tl.constexpr,
     DIV_MODE: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
+    PAIRS: tl.constexpr,  # see _tap_pair
+    EVEN: tl.constexpr,  # x's plane and row strides are even: pairs are aligned
     BLOCK_0: tl.constexpr,
     BLOCK_1: tl.constexpr,
     BLOCK_2: tl.constexpr,
 ):
-    n, c, oh, ow, omask = _tile(Z0, P, C, OH, OW, CHANNELS_LAST, BLOCK_0, BLOCK_1, BLOCK_2)
+    n, c, oh, ow, omask, lmask = _tile(Z0, P, C, OH, OW, CHANNELS_LAST, BLOCK_0, BLOCK_1, BLOCK_2)
+    col0 = tl.program_id(0) * BLOCK_2  # planar tiles' first output column
+    if EVEN:
+        sxn, sxc, sxh, W = (sxn // 2) * 2, (sxc // 2) * 2, (sxh // 2) * 2, (W // 2) * 2
     xp = x_ptr + (n * sxn + c * sxc)
     out = _avg_window(
-        xp, oh, ow, omask, H, W, PB, PR, divisor, sxh, sxw, KH, KW, SH, SW, DH, DW, PT, PL,
-        DIV_MODE,
+        xp, oh, ow, omask, lmask, col0, H, W, PB, PR, divisor, sxh, sxw,
+        KH, KW, SH, SW, DH, DW, PT, PL, DIV_MODE, PAIRS, BLOCK_0, BLOCK_1, BLOCK_2,
     )  # fmt: skip
     yoff = (n * syn + c * syc) + (oh * syh + ow * syw)
     tl.store(y_ptr + yoff, out.to(y_ptr.dtype.element_ty), mask=omask)
@@ -566,102 +729,59 @@ def _pool2d_bwd_kernel(
     BLOCK_1: tl.constexpr,
     BLOCK_2: tl.constexpr,
 ):
-    n, c, qh, qw, cmask = _tile(Z0, P, C, QH, QW, CHANNELS_LAST, BLOCK_0, BLOCK_1, BLOCK_2)
+    n, c, qh, qw, cmask, rmask = _tile(Z0, P, C, QH, QW, CHANNELS_LAST, BLOCK_0, BLOCK_1, BLOCK_2)
     gp = gy_ptr + (n * sgn + c * sgc)
     op = off_ptr + (n * son + c * soc)
     xbase = n * sxn + c * sxc
     scale: tl.constexpr = DIV_MODE == 0 and not IS_MAX  # a uniform divisor, applied at the end
-    if SH <= 2 and SW <= 2:
+    # Neighbour loop (each grad_y read once per cell) where cells have 2-4 phases and the
+    # window is small; stride 1 has one phase, where it is the same as the tap loop, and a big
+    # window would make the compile-time loops quadratic in its taps.
+    neighbours: tl.constexpr = SH <= 2 and SW <= 2 and SH * SW > 1 and KH * KW <= 36
+    if neighbours:
         acc00, acc01, acc10, acc11 = _bwd_small_stride(
             gp, op, qh, qw, cmask, OH, OW, H, W, PB, PR, sgh, sgw, soh, sow,
             KH, KW, SH, SW, DH, DW, PT, PL, IS_MAX, DIV_MODE, BLOCK_0, BLOCK_1, BLOCK_2,
         )  # fmt: skip
-        _store_phase(
-            gx_ptr, xbase, acc00, qh, qw, cmask, H, W, sxh, sxw, inv_divisor, 0, 0, SH, SW, scale
-        )
-        if SW == 2:
-            _store_phase(
-                gx_ptr,
-                xbase,
-                acc01,
-                qh,
-                qw,
-                cmask,
-                H,
-                W,
-                sxh,
-                sxw,
-                inv_divisor,
-                0,
-                1,
-                SH,
-                SW,
-                scale,
-            )
+        _store_row(
+            gx_ptr, xbase, acc00, acc01, qh, qw, cmask, rmask, H, W, sxh, sxw, inv_divisor,
+            0, SH, SW, scale, CHANNELS_LAST, BLOCK_0, BLOCK_1, BLOCK_2,
+        )  # fmt: skip
         if SH == 2:
-            _store_phase(
-                gx_ptr,
-                xbase,
-                acc10,
-                qh,
-                qw,
-                cmask,
-                H,
-                W,
-                sxh,
-                sxw,
-                inv_divisor,
-                1,
-                0,
-                SH,
-                SW,
-                scale,
-            )
-            if SW == 2:
-                _store_phase(
-                    gx_ptr,
-                    xbase,
-                    acc11,
-                    qh,
-                    qw,
-                    cmask,
-                    H,
-                    W,
-                    sxh,
-                    sxw,
-                    inv_divisor,
-                    1,
-                    1,
-                    SH,
-                    SW,
-                    scale,
-                )
+            _store_row(
+                gx_ptr, xbase, acc10, acc11, qh, qw, cmask, rmask, H, W, sxh, sxw, inv_divisor,
+                1, SH, SW, scale, CHANNELS_LAST, BLOCK_0, BLOCK_1, BLOCK_2,
+            )  # fmt: skip
     else:
         for ph in tl.static_range(SH):
-            for pw in tl.static_range(SW):
-                acc = _bwd_phase(
+            if SW <= 2:
+                acc0 = _bwd_phase(
                     tl.zeros([BLOCK_0, BLOCK_1, BLOCK_2], tl.float32), gp, op, qh, qw, cmask,
-                    OH, OW, H, W, PB, PR, sgh, sgw, soh, sow, ph, pw,
+                    OH, OW, H, W, PB, PR, sgh, sgw, soh, sow, ph, 0,
                     KH, KW, SH, SW, DH, DW, PT, PL, IS_MAX, DIV_MODE,
                 )  # fmt: skip
-                _store_phase(
-                    gx_ptr,
-                    xbase,
-                    acc,
-                    qh,
-                    qw,
-                    cmask,
-                    H,
-                    W,
-                    sxh,
-                    sxw,
-                    inv_divisor,
-                    ph,
-                    pw,
-                    SH,
-                    SW,
-                    scale,
-                )
+                acc1 = acc0
+                if SW == 2:
+                    acc1 = _bwd_phase(
+                        tl.zeros([BLOCK_0, BLOCK_1, BLOCK_2], tl.float32), gp, op, qh, qw, cmask,
+                        OH, OW, H, W, PB, PR, sgh, sgw, soh, sow, ph, 1,
+                        KH, KW, SH, SW, DH, DW, PT, PL, IS_MAX, DIV_MODE,
+                    )  # fmt: skip
+                _store_row(
+                    gx_ptr, xbase, acc0, acc1, qh, qw, cmask, rmask, H, W, sxh, sxw,
+                    inv_divisor, ph, SH, SW, scale, CHANNELS_LAST, BLOCK_0, BLOCK_1, BLOCK_2,
+                )  # fmt: skip
+            else:
+                for pw in tl.static_range(SW):
+                    acc = _bwd_phase(
+                        tl.zeros([BLOCK_0, BLOCK_1, BLOCK_2], tl.float32), gp, op, qh, qw, cmask,
+                        OH, OW, H, W, PB, PR, sgh, sgw, soh, sow, ph, pw,
+                        KH, KW, SH, SW, DH, DW, PT, PL, IS_MAX, DIV_MODE,
+                    )  # fmt: skip
+                    _store_phase(
+                        gx_ptr, xbase, acc, qh, qw, cmask, H, W, sxh, sxw, inv_divisor,
+                        ph, pw, SH, SW, scale,
+                    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -782,6 +902,39 @@ def _geometry(win: Window2d) -> dict:
     }
 
 
+@functools.lru_cache(maxsize=1024)
+def _fwd_plan(shape: tuple, strides: tuple, win: Window2d, tile: int, warps: int, pairs: bool):
+    """Everything about a forward launch but its tensors, cached: launches of small tensors
+    are bound by this Python (channels_last, grid, constexpr keyword arguments)."""
+    n, c, _, w = shape
+    cl = strides[1] == 1 and strides[3] != 1 and c > 1  # as _is_channels_last
+    oh, ow = win.out_size
+    b0, b1, b2, grid = _blocks(cl, n * c, c, oh, ow, tile)
+    # Pair loads (see _tap_pair) for planar stride-2 windows over unit-stride rows; EVEN says
+    # the pairs are aligned.
+    pairs = pairs and not cl and win.stride[1] == 2 and win.dilation[1] == 1 and strides[3] == 1
+    even = strides[0] % 2 == 0 and strides[1] % 2 == 0 and strides[2] % 2 == 0 and w % 2 == 0
+    consts = dict(
+        _geometry(win), CHANNELS_LAST=cl, BLOCK_0=b0, BLOCK_1=b1, BLOCK_2=b2,
+        PAIRS=pairs, EVEN=pairs and even, num_warps=warps,
+    )  # fmt: skip
+    return grid, consts
+
+
+@functools.lru_cache(maxsize=1024)
+def _bwd_plan(shape: tuple, strides: tuple, win: Window2d, tile: int, warps: int):
+    """(grid, cell rows, cell columns, constexpr keyword arguments) of a backward launch."""
+    n, c, h, w = shape
+    cl = strides[1] == 1 and strides[3] != 1 and c > 1
+    sh, sw = win.stride
+    qh, qw = -(-h // sh), -(-w // sw)
+    b0, b1, b2, grid = _blocks(cl, n * c, c, qh, qw, max(tile // (sh * sw), 16))
+    consts = dict(
+        _geometry(win), CHANNELS_LAST=cl, BLOCK_0=b0, BLOCK_1=b1, BLOCK_2=b2, num_warps=warps
+    )
+    return grid, qh, qw, consts
+
+
 def _check_out(out: torch.Tensor, shape: tuple, x: torch.Tensor, op: str) -> None:
     if tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device:
         raise ValueError(
@@ -825,19 +978,19 @@ def max_pool2d_forward(
     else:
         _check_out(out, shape, x, "max_pool2d")
         y = out
+    ys = y.stride()
     offsets = indices = None
     if need_offsets:
-        offsets = _empty_strided(shape, y.stride(), _offsets_dtype(win), x.device)
+        offsets = _empty_strided(shape, ys, _offsets_dtype(win), x.device)
     if return_indices:
-        indices = _empty_strided(shape, y.stride(), torch.int64, x.device)
-    cl = _is_channels_last(x)
-    b0, b1, b2, grid = _blocks(cl, n * c, c, oh, ow, _FWD_TILE)
+        indices = _empty_strided(shape, ys, torch.int64, x.device)
+    xs = x.stride()
+    grid, consts = _fwd_plan(x.shape, xs, win, _FWD_TILE, _NUM_WARPS, _PAIRS)
     _launch(
         _max_pool2d_fwd_kernel, grid, x, y,
         y if offsets is None else offsets, y if indices is None else indices,
-        n * c, c, h, w, oh, ow, *x.stride(), *y.stride(), **_geometry(win),
-        CHANNELS_LAST=cl, BLOCK_0=b0, BLOCK_1=b1, BLOCK_2=b2,
-        NEED_OFFSETS=need_offsets, RETURN_INDICES=return_indices, num_warps=_NUM_WARPS,
+        n * c, c, h, w, oh, ow, *xs, *ys, **consts,
+        NEED_OFFSETS=need_offsets, RETURN_INDICES=return_indices,
     )  # fmt: skip
     return y, offsets, indices
 
@@ -888,15 +1041,12 @@ def avg_pool2d_forward(
     else:
         _check_out(out, shape, x, "avg_pool2d")
         y = out
-    cl = _is_channels_last(x)
-    b0, b1, b2, grid = _blocks(cl, n * c, c, oh, ow, _FWD_TILE)
+    xs = x.stride()
+    grid, consts = _fwd_plan(x.shape, xs, win, _FWD_TILE, _NUM_WARPS, _PAIRS)
     mode, divisor = _div_args(win, count_include_pad, divisor_override)
     _launch(
         _avg_pool2d_fwd_kernel, grid, x, y, n * c, c, h, w, oh, ow,
-        win.pad_after[0], win.pad_after[1], divisor,
-        *x.stride(), *y.stride(), **_geometry(win),
-        DIV_MODE=mode, CHANNELS_LAST=cl, BLOCK_0=b0, BLOCK_1=b1, BLOCK_2=b2,
-        num_warps=_NUM_WARPS,
+        win.pad_after[0], win.pad_after[1], divisor, *xs, *y.stride(), **consts, DIV_MODE=mode,
     )  # fmt: skip
     return y
 
@@ -932,18 +1082,14 @@ def _pool2d_backward(
     inv_divisor: float,
 ) -> torch.Tensor:
     _check_dtype(x_like, "max_pool2d" if is_max else "avg_pool2d")
-    n, c, h, w = x_like.shape
+    n, c, h, w = shape = x_like.shape
     oh, ow = win.out_size
-    sh, sw = win.stride
-    grad_x = _empty_like_format(x_like, (n, c, h, w), x_like.dtype)
-    cl = _is_channels_last(x_like)
-    qh, qw = -(-h // sh), -(-w // sw)
-    b0, b1, b2, grid = _blocks(cl, n * c, c, qh, qw, max(_BWD_TILE // (sh * sw), 16))
+    grad_x = _empty_like_format(x_like, shape, x_like.dtype)
+    grid, qh, qw, consts = _bwd_plan(shape, x_like.stride(), win, _BWD_TILE, _NUM_WARPS)
     _launch(
         _pool2d_bwd_kernel, grid, grad_y, offsets, grad_x, n * c, c, h, w, oh, ow, qh, qw,
         win.pad_after[0], win.pad_after[1], inv_divisor,
-        *grad_y.stride(), *offsets.stride(), *grad_x.stride(), **_geometry(win),
-        IS_MAX=is_max, DIV_MODE=mode, CHANNELS_LAST=cl, BLOCK_0=b0, BLOCK_1=b1, BLOCK_2=b2,
-        num_warps=_NUM_WARPS,
+        *grad_y.stride(), *offsets.stride(), *grad_x.stride(), **consts,
+        IS_MAX=is_max, DIV_MODE=mode,
     )  # fmt: skip
     return grad_x
