@@ -1,0 +1,1128 @@
+"""The ``gapnet`` command (also ``python -m gapnet``): train, evaluate, predict, compare heads.
+
+Every subcommand's ``--help`` describes it and shows an example. User mistakes (a bad flag,
+a missing file, a model that cannot take an input) print one line naming what was wrong and
+exit with status 2; Ctrl-C during training saves the checkpoint and exits with 130.
+
+Example:
+    >>> main(["info", "convnet-tiny", "--head", "gap"])  # doctest: +ELLIPSIS
+    layer ...
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import textwrap
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+PROG = "gapnet"
+
+# Exit statuses
+EXIT_USAGE = 2  # a user mistake: bad argument, missing or unreadable file, impossible request
+EXIT_ENV = 1  # something missing from the installation (an optional dependency)
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+
+# predict/cam: an image whose border is mostly bright is taken as dark-on-light and inverted
+# for 1-channel models (trained on light strokes on a dark background, as MNIST).
+BORDER_FRACTION = 0.1  # width of the border band, as a fraction of the shorter side (>= 1 px)
+BRIGHT = 0.5  # a border pixel brighter than this counts as bright
+MOSTLY = 0.5  # invert when more than this fraction of the border pixels is bright
+
+
+class UsageError(Exception):
+    """A user mistake: `main` prints its message on one line and exits with status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line that says where to look."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30)
+
+
+# --------------------------------------------------------------------------- argument types
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonneg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    """ "250,1000" -> (250, 1000); "" or "none" -> ()."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers such as 28,40,56, got {text!r}"
+        ) from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def _heads(text: str) -> tuple[str, ...]:
+    from gapnet.models import HEADS
+
+    names = _names(text)
+    bad = [h for h in names if h not in HEADS]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"unknown head {bad[0]!r}; known heads: {', '.join(HEADS)}"
+        )
+    return names
+
+
+def _pair(text: str) -> tuple[int, int]:
+    values = _ints(text)
+    if len(values) != 2 or values[0] > values[1]:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX with MIN <= MAX, got {text!r}")
+    return values[0], values[1]
+
+
+# --------------------------------------------------------------------------- images
+
+
+def read_image(path: str, in_chans: int, invert: str = "auto") -> tuple[Any, dict[str, Any]]:
+    """Read an image file of any size and mode as a model input in [0, 1].
+
+    Converted to L (gray) for 1-channel models and RGB for 3-channel ones; transparent pixels
+    are composited over white first. For 1-channel models (trained on light strokes on a dark
+    background, as MNIST) an image whose border is mostly bright is taken to be dark-on-light
+    and is inverted (``invert="auto"``; "yes" and "no" force it): more than `MOSTLY` of the
+    pixels in the outer band (`BORDER_FRACTION` of the shorter side, at least 1 px) brighter
+    than `BRIGHT`.
+
+    Args:
+        path: the image file.
+        in_chans: the model's input channels, 1 or 3.
+        invert: "auto", "yes" or "no".
+
+    Returns:
+        the image as a float tensor (C, H, W), and facts about it: size (W, H), mode, inverted.
+
+    Raises:
+        UsageError: the file is missing or not a readable image (the message names it).
+    """
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"image {path!r} not found")
+    if not p.is_file():
+        raise UsageError(f"image {path!r} is not a file")
+    if in_chans not in (1, 3):
+        raise UsageError(f"images can feed 1- or 3-channel models, this one has {in_chans}")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            mode, size = im.mode, im.size
+            if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                im = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+            im = im.convert("L" if in_chans == 1 else "RGB")
+            arr = np.asarray(im, dtype=np.float32) / 255.0  # (H, W) or (H, W, 3)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise UsageError(f"cannot read image {path!r}: {e}") from None
+    x = torch.from_numpy(arr.copy())
+    x = x[None] if x.dim() == 2 else x.permute(2, 0, 1).contiguous()  # (C, H, W)
+    bright = _border_bright(x)
+    inverted = invert == "yes" or (invert == "auto" and in_chans == 1 and bright > MOSTLY)
+    if inverted:
+        x = 1.0 - x
+    return x, {"size": list(size), "mode": mode, "inverted": inverted, "border_bright": bright}
+
+
+def _border_bright(x: Any) -> float:
+    """Fraction of the pixels in the image's outer band that are bright (channel mean)."""
+    gray = x.mean(0)  # (H, W)
+    h, w = gray.shape
+    b = max(1, round(BORDER_FRACTION * min(h, w)))
+    inner = gray[b : h - b, b : w - b]
+    total = gray.numel() - inner.numel()
+    if total == 0:
+        return 0.0
+    bright = (gray > BRIGHT).sum() - (inner > BRIGHT).sum()
+    return float(bright) / total
+
+
+def _model_input(model: Any, x: Any, path: str, resize: int | None) -> tuple[Any, str | None]:
+    """The image as the model takes it: fc models resize to their size, others keep theirs."""
+    from gapnet import data, models
+
+    config = model.config
+    note = None
+    if config.head in models.FC_HEADS:
+        s = config.input_size
+        if tuple(x.shape[-2:]) != (s, s):
+            note = f"resized to {s}x{s}: an {config.head} model takes one input size only"
+        x = data.rescale(x[None], s)[0]
+    elif resize is not None:
+        x = data.rescale(x[None], resize)[0]
+        note = f"resized to {resize}x{resize} (--resize)"
+    low = model.backbone.min_input_size
+    if min(x.shape[-2:]) < low:
+        raise UsageError(
+            f"image {path!r} is {x.shape[-1]}x{x.shape[-2]}; this model needs at least "
+            f"{low}x{low} (use --resize)"
+        )
+    return x, note
+
+
+def _class_names(data_spec: str, num_classes: int) -> list[str]:
+    """Class names for a data spec, where known without reading the data; else "0", "1", ..."""
+    from gapnet import data
+
+    name = data_spec.partition(":")[0]
+    known = {
+        "fashion-mnist": data.FASHION_MNIST_CLASSES,
+        "cifar10": data.CIFAR10_CLASSES,
+    }.get(name, data.DIGIT_CLASSES if name in ("mnist-5k", "digits", "mnist", "idx") else None)
+    if known is not None and len(known) == num_classes:
+        return list(known)
+    return [str(i) for i in range(num_classes)]
+
+
+def _load_model(checkpoint: str) -> tuple[Any, Any]:
+    from gapnet.train import load_checkpoint
+
+    model, cfg, _ = load_checkpoint(checkpoint)
+    return model, cfg
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- train
+
+
+def _train_fields(a: argparse.Namespace) -> dict[str, Any]:
+    """TrainConfig fields from the train flags (flags left out keep TrainConfig's defaults)."""
+    mapping = {
+        "data": a.data, "image_size": a.image_size, "train_size": a.train_size,
+        "model": a.model, "head": a.head, "epochs": a.epochs, "batch_size": a.batch_size,
+        "optimizer": a.optimizer, "lr": a.lr, "weight_decay": a.weight_decay,
+        "schedule": a.schedule, "warmup": a.warmup, "label_smoothing": a.label_smoothing,
+        "seed": a.seed, "augmentation": a.augment, "shift": a.shift,
+        "canvas_size": a.canvas, "distractors": a.distractors, "device": a.device,
+        "threads": a.threads, "out_dir": a.out, "eval_every": a.eval_every,
+    }  # fmt: skip
+    fields = {k: v for k, v in mapping.items() if v is not None}
+    if a.canvas is not None and a.augment is None:
+        fields["augmentation"] = "canvas"
+    overrides = {
+        "widths": list(a.widths) if a.widths else None, "depth": a.depth,
+        "fc_hidden": a.fc_hidden, "drop_rate": a.drop_rate,
+    }  # fmt: skip
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides:
+        fields["model_overrides"] = overrides
+    return fields
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    """`gapnet train`: one run, then its metrics and checkpoint path."""
+    from gapnet.train import TrainConfig, train
+
+    cfg = TrainConfig(**_train_fields(a))
+    try:
+        result = train(cfg, progress=not a.quiet, resume=a.resume, overwrite=a.overwrite)
+    except FileExistsError:
+        raise UsageError(
+            f"{str(cfg.run_dir)!r} already holds a run: add --resume to continue it, "
+            "--overwrite to replace it, or pick another --out"
+        ) from None
+    except FileNotFoundError as e:
+        if a.resume:
+            raise UsageError(f"{e}; drop --resume to start it") from None
+        raise
+    counts = result.param_counts
+    print(
+        f"{cfg.model} + {cfg.head} head on {cfg.data}: train acc {100 * result.train_acc:.2f}% "
+        f"(loss {result.train_loss:.4f}), test acc {100 * result.test_acc:.2f}% "
+        f"(loss {result.test_loss:.4f})"
+    )
+    print(
+        f"parameters: {counts['total']:,} ({counts.get('head', 0):,} in the head); "
+        f"trained {len(result.metrics)} epoch{'' if len(result.metrics) == 1 else 's'} "
+        f"in {result.train_seconds:.1f} s"
+    )
+    print(f"checkpoint: {result.checkpoint}")
+    print(f"next: {PROG} eval --checkpoint {shlex.quote(str(result.checkpoint))}")
+    return 0
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    """`gapnet eval`: accuracy and loss on the test split, rescaled or on canvases."""
+    from gapnet import data, report
+    from gapnet.train import evaluate
+
+    _set_threads(a.threads)
+    model, cfg = _load_model(a.checkpoint)
+    spec = a.data or cfg.data
+    if a.canvas is not None:
+        side = a.canvas
+        test, _ = data.canvas_mnist(side, n=a.n, seed=a.seed, source=spec)
+        what = f"placed on {side}x{side} canvases"
+    else:
+        ds = data.load(spec, seed=cfg.split_seed, size=cfg.image_size)
+        test = ds.test if a.n is None else data.stratified_subset(ds.test, min(a.n, len(ds.test)))
+        side = a.size if a.size is not None else test.images.shape[-1]
+        if a.size is not None:
+            test = data.ImageSet(data.rescale(test.images, a.size), test.labels)
+        h, w = test.images.shape[-2:]
+        what = f"rescaled to {h}x{w}" if a.size is not None else f"at {h}x{w}"
+    if test.images.shape[-2] == test.images.shape[-1]:
+        na = report.size_na(model, side)
+        if na is not None:
+            raise UsageError(
+                f"this {model.config.head} model cannot take {side}x{side} inputs ({na}); only "
+                "global-pooling heads accept any size"
+            )
+    acc, loss = evaluate(model, test.images, test.labels, batch_size=a.batch_size)
+    if a.json:
+        print(json.dumps({"data": spec, "n": len(test), "inputs": what, "acc": acc, "loss": loss}))
+    else:
+        print(
+            f"{spec} test split, {len(test)} images {what}: accuracy {100 * acc:.2f}%, "
+            f"loss {loss:.4f}"
+        )
+    return 0
+
+
+# --------------------------------------------------------------------------- predict
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    """`gapnet predict`: top-k classes of image files (text, or JSON with all probabilities)."""
+    from gapnet.train import predict_proba
+
+    model, cfg = _load_model(a.checkpoint)
+    names = _class_names(cfg.data, model.num_classes)
+    k = min(a.top_k, model.num_classes)
+    images = [(path, *read_image(path, model.config.in_chans, a.invert)) for path in a.images]
+    out = []
+    for path, x, info in images:
+        x, note = _model_input(model, x, path, a.resize)
+        probs = predict_proba(model, x[None])[0]  # (K,)
+        top = probs.topk(k)
+        out.append({
+            "image": path, "size": info["size"], "mode": info["mode"],
+            "input": list(x.shape), "inverted": info["inverted"], "resized": note,
+            "top_k": [
+                {"class": int(c), "name": names[int(c)], "prob": float(p)}
+                for p, c in zip(top.values, top.indices, strict=True)
+            ],
+            "probs": [float(p) for p in probs],
+        })  # fmt: skip
+    if a.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    for r in out:
+        c, h, w = r["input"]
+        notes = [f"{r['size'][0]}x{r['size'][1]} {r['mode']} -> {c}x{h}x{w} input"]
+        if r["inverted"]:
+            notes.append(
+                "inverted: its border is mostly bright, the model expects a dark background"
+            )
+        if r["resized"]:
+            notes.append(r["resized"])
+        print(f"{r['image']} ({'; '.join(notes)})")
+        width = max(len(t["name"]) for t in r["top_k"])
+        for i, t in enumerate(r["top_k"], 1):
+            print(f"  {i}. {t['name']:<{width}}  {100 * t['prob']:6.2f}%")
+    return 0
+
+
+# --------------------------------------------------------------------------- cam / localize
+
+
+def _require_cam_model(model: Any) -> None:
+    from gapnet import models
+
+    if model.config.head in models.FC_HEADS:
+        raise UsageError(
+            f"this checkpoint has an {model.config.head} head: a fully connected layer mixes every "
+            "location into every logit, so there is no class activation map; train a "
+            "global-pooling head (e.g. --head gap)"
+        )
+
+
+def cmd_cam(a: argparse.Namespace) -> int:
+    """`gapnet cam`: one CAM overlay PNG per image and class, with the box it gives."""
+    import torch
+
+    from gapnet import cam
+
+    model, cfg = _load_model(a.checkpoint)
+    _require_cam_model(model)
+    names = _class_names(cfg.data, model.num_classes)
+    bad = [c for c in a.classes or [] if not 0 <= c < model.num_classes]
+    if bad:
+        raise UsageError(
+            f"--class {bad[0]} is not a class of this model (0..{model.num_classes - 1})"
+        )
+    images = [(path, *read_image(path, model.config.in_chans, a.invert)) for path in a.images]
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    for path, x, info in images:
+        x, note = _model_input(model, x, path, a.resize)
+        with torch.no_grad():
+            logits = model(x[None])[0]
+        probs = logits.softmax(0)
+        pred = int(probs.argmax())
+        classes = list(a.classes) if a.classes else [pred]
+        batch = x[None].expand(len(classes), *x.shape)
+        res = cam.class_activation_maps(model, batch, torch.tensor(classes))
+        boxes = cam.cam_boxes(res.maps, a.threshold)
+        stem = Path(path).stem
+        if stem in used:
+            stem = f"{stem}-{len(used)}"
+        used.add(stem)
+        extra = f"; {note}" if note else ""
+        inv = "; inverted (bright border)" if info["inverted"] else ""
+        print(f"{path}: predicted {names[pred]} ({100 * float(probs[pred]):.1f}%){inv}{extra}")
+        for i, c in enumerate(classes):
+            target = out_dir / f"{stem}-class{c}.png"
+            box = [int(v) for v in boxes[i]]
+            img = cam.overlay(x, res.maps[i], alpha=a.alpha, boxes=[(box, (255, 64, 64))])
+            cam.save_png(img, target)
+            print(
+                f"  class {names[c]} ({100 * float(probs[c]):.1f}%): box {tuple(box)} -> {target}"
+            )
+    return 0
+
+
+def cmd_localize(a: argparse.Namespace) -> int:
+    """`gapnet localize`: classification and CAM-box accuracy per canvas size."""
+    from gapnet import cam, report
+
+    _set_threads(a.threads)
+    model, cfg = _load_model(a.checkpoint)
+    _require_cam_model(model)
+    source = a.data or cfg.data
+    if a.choose_threshold:
+        n = {} if a.n is None else {"n": a.n}  # None: choose_threshold's own validation size
+        threshold = cam.choose_threshold(
+            model, a.sizes, distractors=a.distractors, seed=a.seed, source=source, **n
+        ).threshold
+        how = "chosen on the validation split"
+    else:
+        how = "given" if a.threshold_given else "default"
+        threshold = a.threshold
+    rows = [
+        report.localization_row(r)
+        for r in cam.localize(
+            model, a.sizes, n=a.n, distractors=a.distractors, threshold=threshold, seed=a.seed,
+            source=source,
+        )
+    ]  # fmt: skip
+    if a.json:
+        print(
+            json.dumps(
+                {"data": source, "threshold": threshold, "threshold_source": how, "rows": rows}
+            )
+        )
+        return 0
+    print(
+        f"{source} test digits on blank canvases, {rows[0]['n'] if rows else 0} per size, "
+        f"{a.distractors} distractors each; CAM box threshold {threshold:.2f} ({how})"
+    )
+    header = ["canvas", "accuracy", "box loc acc (IoU>=0.5)", "top-1 loc", "mean IoU"]
+    table = [
+        [f"{r['size']}x{r['size']}", report.pct(r["acc"]), report.pct(r["loc_acc"]),
+         report.pct(r["top1_loc"]), "n/a" if r["mean_iou"] is None else f"{r['mean_iou']:.3f}"]
+        for r in rows
+    ]  # fmt: skip
+    print(report.text_table(header, table))
+    return 0
+
+
+# --------------------------------------------------------------------------- info
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    """`gapnet info`: layer table and parameter counts per part."""
+    from gapnet import models
+    from gapnet.report import text_table
+
+    overrides: dict[str, Any] = {}
+    if a.input_size is not None:
+        overrides["input_size"] = a.input_size
+    model = models.create(
+        a.model, num_classes=a.num_classes, in_chans=a.in_chans, head=a.head, **overrides
+    )
+    size = model.config.input_size
+    rows = models.layer_table(model, size)
+    header = ["layer", "type", "output shape", "params"]
+    table = [[r.name, r.type, "x".join(map(str, r.shape)), f"{r.params:,}"] for r in rows]
+    print(text_table(header, table))
+    counts = model.param_counts()
+    total = counts["total"] or 1
+    print()
+    print(f"{a.model} with a {a.head} head, {model.config.in_chans}x{size}x{size} input:")
+    for part in ("backbone", "head", "total"):
+        print(f"  {part:<9} {counts[part]:>12,} parameters  ({100 * counts[part] / total:5.1f}%)")
+    if a.head in models.FC_HEADS:
+        print(f"  input: {size}x{size} only (the {a.head} head is sized for it)")
+    else:
+        low = model.backbone.min_input_size
+        print(f"  input: any size >= {low}x{low} (global pooling has no parameters)")
+    return 0
+
+
+# --------------------------------------------------------------------------- compare / demo
+
+
+def _spec_changes(a: argparse.Namespace) -> dict[str, Any]:
+    from gapnet.report import DEMO
+
+    mapping = {
+        "data": a.data, "model": a.model, "heads": a.heads, "epochs": a.epochs,
+        "batch_size": a.batch_size, "lr": a.lr, "train_size": a.train_size, "seed": a.seed,
+        "threads": a.threads, "train_sizes": a.train_sizes, "sweep_heads": a.sweep_heads,
+        "sweep_steps": a.sweep_steps, "sizes": a.sizes, "canvases": a.canvases,
+        "eval_n": a.eval_n, "cam": a.cam, "loc_n": a.loc_n, "distractors": a.distractors,
+        "threshold": a.threshold, "cam_examples": a.cam_examples,
+    }  # fmt: skip
+    changes = {k: v for k, v in mapping.items() if v is not None}
+    if a.robust is not None:
+        changes["robust"] = DEMO.spec.robust if a.robust else None
+    return changes
+
+
+def _run_report(spec: Any, out: str, a: argparse.Namespace, argv: Sequence[str]) -> int:
+    from gapnet import report
+
+    command = f"{PROG} {shlex.join(argv)}"
+    results = report.run_compare(spec, out, command=command, progress=not a.quiet, reuse=a.reuse)
+    paths = report.write_report(results, out)
+    print(report.summary_text(results))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    """`gapnet compare`: CompareSpec defaults, then --quick (DEMO.quick), then the flags."""
+    from gapnet.report import DEMO, CompareSpec
+
+    spec = CompareSpec()
+    if a.quick:
+        spec = spec.replace(**DEMO.quick)
+    spec = spec.replace(**_spec_changes(a))
+    return _run_report(spec, a.out, a, a.argv)
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    """`gapnet demo`: the comparison with DEMO's settings (DEMO.quick on top with --quick)."""
+    from gapnet.report import DEMO
+
+    spec = DEMO.spec.replace(**DEMO.quick) if a.quick else DEMO.spec
+    if a.threads is not None:
+        spec = spec.replace(threads=a.threads)
+    return _run_report(spec, a.out or DEMO.out, a, a.argv)
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    """`gapnet report`: re-render a comparison from its results.json."""
+    from gapnet import report
+
+    results = report.load_results(a.folder)
+    folder = Path(a.folder) if Path(a.folder).is_dir() else Path(a.folder).parent
+    paths = report.write_report(results, folder)
+    print(report.summary_text(results))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+# --------------------------------------------------------------------------- the parser
+
+
+def _command(
+    sub: Any, name: str, summary: str, description: str, examples: list[str]
+) -> argparse.ArgumentParser:
+    text = textwrap.fill(" ".join(description.split()), width=80)
+    epilog = "example:\n" + "\n".join(f"  {e}" for e in examples)
+    p: argparse.ArgumentParser = sub.add_parser(
+        name, help=summary, description=text, epilog=epilog, formatter_class=_Formatter
+    )
+    return p
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from gapnet.models import HEADS, list_models
+    from gapnet.train import AUGMENTATIONS, OPTIMIZERS, SCHEDULES, TrainConfig
+
+    d = TrainConfig()
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data",
+        metavar="SPEC",
+        help=f"dataset: mnist-5k, digits, idx:DIR, cifar10:DIR, folder:DIR (default {d.data})",
+    )
+    g.add_argument(
+        "--image-size",
+        type=_positive,
+        metavar="S",
+        help="rescale the images to S x S (default: as stored)",
+    )
+    g.add_argument(
+        "--train-size",
+        type=_positive,
+        metavar="N",
+        help="train on a stratified subset of N images (default: all)",
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=list_models(), help=f"backbone (default {d.model})")
+    g.add_argument("--head", choices=HEADS, help=f"classifier head (default {d.head})")
+    g.add_argument(
+        "--widths",
+        type=_ints,
+        metavar="C,C,..",
+        help="convnet channels per stage (default: the model's)",
+    )
+    g.add_argument("--depth", type=_positive, help="convnet blocks per stage")
+    g.add_argument(
+        "--fc-hidden",
+        type=_nonneg,
+        metavar="N",
+        help="hidden units of the fc heads (0: one Linear)",
+    )
+    g.add_argument("--drop-rate", type=_fraction, metavar="P", help="dropout of fc-dropout and NiN")
+    g = p.add_argument_group("optimisation")
+    g.add_argument(
+        "--epochs", type=_nonneg, help=f"passes over the training set (default {d.epochs})"
+    )
+    g.add_argument("--batch-size", type=_positive, help=f"images per step (default {d.batch_size})")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, help=f"(default {d.optimizer})")
+    g.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr:g})")
+    g.add_argument("--weight-decay", type=float, metavar="WD", help=f"(default {d.weight_decay:g})")
+    g.add_argument(
+        "--schedule", choices=SCHEDULES, help=f"learning-rate schedule (default {d.schedule})"
+    )
+    g.add_argument(
+        "--warmup",
+        type=_fraction,
+        metavar="F",
+        help=f"fraction of steps warming up (default {d.warmup:g})",
+    )
+    g.add_argument(
+        "--label-smoothing", type=float, metavar="E", help=f"(default {d.label_smoothing:g})"
+    )
+    g.add_argument(
+        "--seed", type=_nonneg, help=f"init, data order, augmentation (default {d.seed})"
+    )
+    g = p.add_argument_group("augmentation")
+    g.add_argument(
+        "--augment",
+        choices=AUGMENTATIONS,
+        help=f"training augmentation (default {d.augmentation}; --canvas implies canvas)",
+    )
+    g.add_argument(
+        "--shift", type=_nonneg, metavar="PX", help=f"shift: max pixels moved (default {d.shift})"
+    )
+    g.add_argument(
+        "--canvas",
+        type=_pair,
+        metavar="MIN,MAX",
+        help="canvas: side range of the random blank canvases (default {},{})".format(
+            *d.canvas_size
+        ),
+    )
+    g.add_argument(
+        "--distractors",
+        type=_nonneg,
+        metavar="D",
+        help="canvas: stroke-like clutter pasted per canvas (default 0)",
+    )
+    g = p.add_argument_group("run")
+    g.add_argument("--out", metavar="DIR", help="run folder (default runs/MODEL-HEAD)")
+    g.add_argument(
+        "--resume", action="store_true", help="continue the run saved in --out (same arguments)"
+    )
+    g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    g.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default auto)")
+    g.add_argument(
+        "--threads", type=_nonneg, metavar="N", help="torch threads (default: every core)"
+    )
+    g.add_argument(
+        "--eval-every",
+        type=_positive,
+        metavar="E",
+        help="evaluate on the test split every E epochs (default 1)",
+    )
+    g.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _add_checkpoint(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint",
+        "-c",
+        required=True,
+        metavar="C",
+        help="a checkpoint.safetensors or the run folder holding it",
+    )
+
+
+def _add_image_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...), any size and mode"
+    )
+    _add_checkpoint(p)
+    p.add_argument(
+        "--resize",
+        type=_positive,
+        metavar="S",
+        help="global-pooling models: resize to S x S first (default: the image's own size)",
+    )
+    p.add_argument(
+        "--invert",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="1-channel models: invert dark-on-light images; "
+        "auto (default): when the border is mostly bright",
+    )
+
+
+def _add_compare_args(p: argparse.ArgumentParser) -> None:
+    from gapnet.models import list_models
+    from gapnet.report import DEMO, CompareSpec
+
+    d = CompareSpec()
+    csv = ",".join
+    g = p.add_argument_group("what to compare")
+    g.add_argument("--data", metavar="SPEC", help=f"dataset (default {d.data})")
+    g.add_argument("--model", choices=list_models(), help=f"backbone (default {d.model})")
+    g.add_argument(
+        "--heads", type=_heads, metavar="H,H,..", help=f"heads to train (default {csv(d.heads)})"
+    )
+    g.add_argument(
+        "--robust",
+        action=argparse.BooleanOptionalAction,
+        help=f"also train the robust GAP variant ({DEMO.spec.robust}) (default: no)",
+    )
+    g = p.add_argument_group("training (every run)")
+    g.add_argument("--epochs", type=_positive, help=f"(default {d.epochs})")
+    g.add_argument("--batch-size", type=_positive, help=f"(default {d.batch_size})")
+    g.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr:g})")
+    g.add_argument(
+        "--train-size",
+        type=_positive,
+        metavar="N",
+        help="training images of the main runs (default: all)",
+    )
+    g.add_argument("--seed", type=_nonneg, help=f"(default {d.seed})")
+    g.add_argument(
+        "--threads", type=_nonneg, metavar="N", help="torch threads (default: every core)"
+    )
+    g = p.add_argument_group("measurements")
+    g.add_argument(
+        "--train-sizes",
+        type=_ints,
+        metavar="N,N,..",
+        help="overfitting sweep: smaller training sets, 'none' to skip "
+        f"(default {csv(map(str, d.train_sizes))})",
+    )
+    g.add_argument(
+        "--sweep-heads", type=_heads, metavar="H,H,..", help="heads of the sweep (default: --heads)"
+    )
+    g.add_argument(
+        "--sweep-steps",
+        type=_positive,
+        metavar="K",
+        help=f"each sweep run takes at least K steps (default {d.sweep_steps})",
+    )
+    g.add_argument(
+        "--sizes",
+        type=_ints,
+        metavar="S,S,..",
+        help=f"input sizes the test images are rescaled to (default {csv(map(str, d.sizes))})",
+    )
+    g.add_argument(
+        "--canvases",
+        type=_ints,
+        metavar="S,S,..",
+        help=f"canvas sizes the test digits are placed on (default {csv(map(str, d.canvases))})",
+    )
+    g.add_argument(
+        "--eval-n",
+        type=_positive,
+        metavar="N",
+        help=f"test images per size and canvas (default {d.eval_n})",
+    )
+    g.add_argument(
+        "--cam", action=argparse.BooleanOptionalAction, help="the CAM section (default: yes)"
+    )
+    g.add_argument(
+        "--cam-examples",
+        type=_positive,
+        metavar="N",
+        help=f"overlays per grid size (default {d.cam_examples})",
+    )
+    g.add_argument(
+        "--loc-n",
+        type=_positive,
+        metavar="N",
+        help=f"canvases per localization size (default {d.loc_n})",
+    )
+    g.add_argument(
+        "--distractors",
+        type=_nonneg,
+        metavar="D",
+        help="clutter per localization canvas (default 0)",
+    )
+    g.add_argument(
+        "--threshold",
+        type=_fraction,
+        metavar="T",
+        help="CAM box threshold (default: chosen on the validation split)",
+    )
+    g = p.add_argument_group("run")
+    g.add_argument(
+        "--out", default="runs/compare", metavar="DIR", help="report folder (default runs/compare)"
+    )
+    g.add_argument(
+        "--quick",
+        action="store_true",
+        help="the quick settings of the demo (DEMO.quick), then your flags",
+    )
+    _add_run_flags(g)
+
+
+def _add_run_flags(g: Any) -> None:
+    g.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep complete runs of the same config found in the folder "
+        "(re-measure without retraining)",
+    )
+    g.add_argument("--quiet", action="store_true", help="no training progress")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``gapnet`` argument parser, one subparser per command."""
+    from gapnet import __version__
+
+    parser = _Parser(
+        prog=PROG,
+        formatter_class=_Formatter,
+        description=textwrap.fill(
+            "Pooling layers and global-average-pooling (GAP) classifiers: train them, "
+            "evaluate them at any input size, see where they look (class activation maps), "
+            "and compare GAP heads with fully connected ones in a measured report.",
+            width=80,
+        ),
+        epilog="example:\n  gapnet demo --quick\n\nsee 'gapnet COMMAND --help' for each command",
+    )
+    parser.add_argument("--version", action="version", version=f"gapnet {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = _command(
+        sub, "train", "train a classifier and save its checkpoint",
+        """Train one model (a backbone and a head) on one dataset, with a progress bar, then
+        print the final train/test accuracy and where the checkpoint is. The run folder holds
+        checkpoint.safetensors, config.json and metrics.jsonl. Ctrl-C saves the checkpoint at
+        the step reached and exits with status 130; run the same command with --resume to
+        continue exactly where it stopped.""",
+        ["gapnet train --data mnist-5k --model convnet --head gap --epochs 5 --out runs/gap",
+         "gapnet train --head gap --augment canvas --canvas 28,56 --out runs/gap-canvas"],
+    )  # fmt: skip
+    _add_train_args(p)
+    p.set_defaults(handler=cmd_train)
+
+    p = _command(
+        sub, "eval", "accuracy and loss of a checkpoint on the test split",
+        """Evaluate a checkpoint on the test split of its dataset (or --data): accuracy and
+        mean cross-entropy. --size S rescales the test images to S x S; --canvas S places each
+        test digit at a random spot on a blank S x S canvas. A fully connected head takes only
+        its training size (an error otherwise); global-pooling heads take any size.""",
+        ["gapnet eval --checkpoint runs/gap --canvas 84"],
+    )  # fmt: skip
+    _add_checkpoint(p)
+    p.add_argument("--data", metavar="SPEC", help="dataset (default: the checkpoint's)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument(
+        "--size", type=_positive, metavar="S", help="rescale the test images to S x S"
+    )
+    size.add_argument(
+        "--canvas",
+        type=_positive,
+        metavar="S",
+        help="place the test digits on blank S x S canvases",
+    )
+    p.add_argument(
+        "--n", type=_positive, metavar="N", help="evaluate on a stratified subset of N test images"
+    )
+    p.add_argument("--seed", type=_nonneg, default=0, help="canvas placement seed (default 0)")
+    p.add_argument("--batch-size", type=_positive, default=256, help="(default 256)")
+    p.add_argument("--threads", type=_nonneg, metavar="N", help="torch threads")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=cmd_eval)
+
+    p = _command(
+        sub, "predict", "classify image files of any size",
+        """Classify image files of any size and mode and print the top-k classes with their
+        probabilities (a softmax over all classes, so all of them sum to 1). Images are
+        converted to the model's channels (L for 1-channel models, RGB for 3) and scaled to
+        [0, 1]. 1-channel models expect light strokes on a dark background (as MNIST): an image
+        whose border is mostly bright (over half of the pixels in the outer 10% band brighter
+        than 0.5) is taken as dark-on-light and inverted, and the output says so (--invert
+        yes/no overrides the guess). Global-pooling models take each image at its own size (or
+        --resize S); fc models resize every image to the one size they take, and say so.""",
+        ["gapnet predict digit.png photo.jpg --checkpoint runs/gap --top-k 3",
+         "gapnet predict digit.png --checkpoint runs/gap --json"],
+    )  # fmt: skip
+    _add_image_args(p)
+    p.add_argument(
+        "--top-k",
+        type=_positive,
+        default=3,
+        metavar="K",
+        help="classes shown per image (default 3)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print a JSON list, one object per image (top_k and all probs)",
+    )
+    p.set_defaults(handler=cmd_predict)
+
+    p = _command(
+        sub, "compare", "train several heads on one backbone and write the report",
+        """Train one backbone with several heads on one dataset, then measure each model
+        (parameters; train and test accuracy and their gap; accuracy with the test images
+        rescaled and placed on larger canvases; the train/test gap on smaller training sets;
+        CAM localization of the GAP model) and write report.md, report.html (self-contained),
+        accuracy.svg and results.json to --out, with a summary in the terminal. Every run's
+        checkpoint stays in its own sub-folder. --quick starts from the demo's quick settings.""",
+        ["gapnet compare --heads fc,gap,gap-fc --epochs 4 --train-sizes 250,1000",
+         "gapnet compare --quick --robust --out runs/quick"],
+    )  # fmt: skip
+    _add_compare_args(p)
+    p.set_defaults(handler=cmd_compare)
+
+    p = _command(
+        sub, "demo", "the whole GAP-vs-FC comparison on mnist-5k with the demo settings",
+        """Run `gapnet compare` with the demo settings (gapnet.report.DEMO): several heads on
+        mnist-5k, the robust GAP variant trained on random canvases, a sweep over smaller
+        training sets and the CAM section, then write the report to runs/demo. Under five
+        minutes on 2 CPU cores; --quick takes about one.""",
+        ["gapnet demo --quick", "gapnet demo --out runs/demo && open runs/demo/report.html"],
+    )  # fmt: skip
+    p.add_argument("--quick", action="store_true", help="the quick settings (DEMO.quick)")
+    p.add_argument("--out", metavar="DIR", help="report folder (default runs/demo)")
+    p.add_argument(
+        "--threads", type=_nonneg, metavar="N", help="torch threads (default: every core)"
+    )
+    _add_run_flags(p)
+    p.set_defaults(handler=cmd_demo)
+
+    p = _command(
+        sub, "report", "re-render a comparison's report from its results.json",
+        """Re-render report.md, report.html and accuracy.svg of a finished comparison from its
+        results.json, without training, and print the summary.""",
+        ["gapnet report runs/demo"],
+    )  # fmt: skip
+    p.add_argument("folder", metavar="DIR", help="the comparison's folder (or its results.json)")
+    p.set_defaults(handler=cmd_report)
+
+    p = _command(
+        sub, "info", "layer table and parameter counts of a model",
+        """Build a model and print its layer table (name, type, output shape for one input,
+        parameters) and its parameter counts per part: backbone, head and total. Compare
+        --head fc with --head gap to see where an FC classifier's parameters are.""",
+        ["gapnet info convnet --head gap", "gapnet info convnet --head fc --input-size 28"],
+    )  # fmt: skip
+    from gapnet.models import HEADS, list_models
+
+    p.add_argument(
+        "model", choices=list_models(), metavar="MODEL", help=f"one of {', '.join(list_models())}"
+    )
+    p.add_argument("--head", choices=HEADS, default="gap", help="(default gap)")
+    p.add_argument(
+        "--input-size",
+        type=_positive,
+        metavar="S",
+        help="input S x S (default: the model's, 28 for convnet)",
+    )
+    p.add_argument(
+        "--in-chans", type=_positive, metavar="C", help="input channels (default: the model's)"
+    )
+    p.add_argument("--num-classes", type=_positive, default=10, metavar="K", help="(default 10)")
+    p.set_defaults(handler=cmd_info)
+
+    p = _command(
+        sub, "cam", "class activation map overlays of images",
+        """Compute the class activation map (CAM) of each image for its predicted class (or
+        each --class), draw it over the image with the box it gives (the CAM thresholded at
+        --threshold), and write one overlay PNG per image and class to --out, at the image's
+        size. Prints the predicted class, the boxes (x0, y0, x1, y1; ends exclusive) and the
+        files written. Needs a global-pooling head: an FC head has no CAM.""",
+        ["gapnet cam digit.png --checkpoint runs/gap --out runs/cam",
+         "gapnet cam digit.png --checkpoint runs/gap --class 3 --class 8"],
+    )  # fmt: skip
+    _add_image_args(p)
+    p.add_argument(
+        "--class",
+        dest="classes",
+        type=_nonneg,
+        action="append",
+        metavar="K",
+        help="class to map (repeatable; default: the predicted one)",
+    )
+    p.add_argument(
+        "--out", default="runs/cam", metavar="DIR", help="folder for the PNGs (default runs/cam)"
+    )
+    p.add_argument(
+        "--threshold",
+        type=_fraction,
+        default=0.2,
+        metavar="T",
+        help="box threshold on the normalised CAM (default 0.2)",
+    )
+    p.add_argument(
+        "--alpha",
+        type=_fraction,
+        default=0.5,
+        metavar="A",
+        help="opacity of the heat map (default 0.5)",
+    )
+    p.set_defaults(handler=cmd_cam)
+
+    p = _command(
+        sub, "localize", "how well CAM boxes find digits on canvases",
+        """Place held-out digits at random on blank canvases of each size, and report per
+        size: classification accuracy, box localization accuracy (the CAM box of the true
+        class has IoU >= 0.5 with the digit's true box) and top-1 localization (right class
+        and IoU >= 0.5). The model never saw a box: this is localization for free.""",
+        ["gapnet localize --checkpoint runs/gap-canvas --sizes 28,56,112 --choose-threshold"],
+    )  # fmt: skip
+    _add_checkpoint(p)
+    p.add_argument(
+        "--data", metavar="SPEC", help="where the digits come from (default: the checkpoint's)"
+    )
+    p.add_argument(
+        "--sizes",
+        type=_ints,
+        default=(28, 40, 56, 84, 112),
+        metavar="S,S,..",
+        help="canvas sizes (default 28,40,56,84,112)",
+    )
+    p.add_argument(
+        "--n", type=_positive, metavar="N", help="canvases per size (default: the whole test split)"
+    )
+    p.add_argument(
+        "--distractors", type=_nonneg, default=0, metavar="D", help="clutter per canvas (default 0)"
+    )
+    thr = p.add_mutually_exclusive_group()
+    thr.add_argument("--threshold", type=_fraction, metavar="T", help="box threshold (default 0.2)")
+    thr.add_argument(
+        "--choose-threshold",
+        action="store_true",
+        help="choose the threshold on the validation split",
+    )
+    p.add_argument("--seed", type=_nonneg, default=0, help="placement seed (default 0)")
+    p.add_argument("--threads", type=_nonneg, metavar="N", help="torch threads")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=cmd_localize)
+    return parser
+
+
+def _error(command: str | None, message: str) -> None:
+    where = f"{PROG} {command}" if command else PROG
+    print(f"{where}: error: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``gapnet`` command line; returns the exit status.
+
+    Args:
+        argv: the arguments (default ``sys.argv[1:]``).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        a = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    if a.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    a.argv = argv
+    if a.command == "localize":
+        a.threshold_given = a.threshold is not None
+        if a.threshold is None:
+            a.threshold = 0.2
+    handler: Callable[[argparse.Namespace], int] = a.handler
+    try:
+        return handler(a)
+    except KeyboardInterrupt:
+        print(f"{PROG} {a.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except UsageError as e:
+        _error(a.command, str(e))
+        return EXIT_USAGE
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError) as e:
+        _error(a.command, str(e))
+        return EXIT_USAGE
+    except ValueError as e:  # the library's messages name the argument and the value
+        _error(a.command, str(e))
+        return EXIT_USAGE
+    except ImportError as e:
+        _error(a.command, str(e))
+        return EXIT_ENV

@@ -1,0 +1,422 @@
+"""Tests for gapnet.report: rendering from a results dict, the SVG chart, specs and the demo.
+
+Rendering is checked on a small fake results dict (no training): the sections, the measured
+numbers, the n/a cells, a self-contained HTML page and a well-formed SVG. One tiny real
+comparison checks that `run_compare` fills the dict `write_report` renders, and `reuse`.
+"""
+
+import copy
+import json
+import re
+import xml.etree.ElementTree as ET
+
+import pytest
+import torch
+from PIL import Image
+
+from gapnet import models, report
+from gapnet.report import DEMO, CompareSpec, load_results, svg_line_chart, write_report
+
+NA = "n/a (fixed 28x28 input)"
+
+
+def _sizes(accs):
+    return [{"size": s, "acc": a, "na": None} for s, a in accs]
+
+
+def _fixed(sizes, acc):
+    """The rows of an fc head: `acc` at 28, n/a at every other size."""
+    return [
+        {"size": s, "acc": acc, "na": None}
+        if s == 28
+        else {"size": s, "acc": None, "na": "fixed 28x28 input"}
+        for s in sizes
+    ]
+
+
+def _run(name, head, params, train_acc, test_acc, seconds, history, sizes, canvases, robust=False):
+    return {
+        "name": name,
+        "head": head,
+        "robust": robust,
+        "recipe": "random canvases 28-56 px" if robust else "",
+        "params": params,
+        "train_images": 4000,
+        "train_acc": train_acc,
+        "test_acc": test_acc,
+        "train_loss": 0.05,
+        "test_loss": 0.1,
+        "train_seconds": seconds,
+        "history": [{"epoch": i + 1, "train_acc": a, "test_acc": a} for i, a in enumerate(history)],
+        "sizes": sizes,
+        "canvases": canvases,
+        "checkpoint": f"{name}/checkpoint.safetensors",
+    }
+
+
+SIZES = (20, 28, 36, 48, 64)
+CANVASES = (28, 40, 56, 84, 112)
+
+# Numbers chosen so every figure in the findings can be checked by hand:
+# head params fc 3,216,906 vs gap 1,290 -> 2,494x; totals 3,503,786 vs 288,170 -> 12x;
+# train-test gaps fc 0.995 - 0.962 = +3.3 points, gap 0.981 - 0.975 = +0.6 points.
+FAKE = {
+    "format": report.RESULTS_FORMAT,
+    "title": "GAP vs FC heads: convnet on mnist-5k",
+    "command": "gapnet demo --quick",
+    "date": "2025-01-02T03:04:05+00:00",
+    "revision": "abc1234",
+    "machine": {
+        "cpu": "Test CPU 9000",
+        "threads": 2,
+        "gpu": None,
+        "torch": "2.13.0",
+        "python": "3.11.7",
+        "platform": "Linux",
+    },
+    "spec": CompareSpec(eval_n=500).to_dict(),
+    "data": {
+        "name": "mnist-5k",
+        "train": 4000,
+        "test": 1000,
+        "image_size": [28, 28],
+        "num_classes": 10,
+    },
+    "runs": [
+        _run(
+            "fc",
+            "fc",
+            {"backbone": 286880, "head": 3216906, "total": 3503786},
+            0.995,
+            0.962,
+            41.5,
+            [0.90, 0.95, 0.962],
+            _fixed(SIZES, 0.962),
+            _fixed(CANVASES, 0.955),
+        ),
+        _run(
+            "gap",
+            "gap",
+            {"backbone": 286880, "head": 1290, "total": 288170},
+            0.981,
+            0.975,
+            35.25,
+            [0.60, 0.93, 0.975],
+            _sizes(zip(SIZES, [0.612, 0.975, 0.944, 0.801, 0.633], strict=True)),
+            _sizes(zip(CANVASES, [0.971, 0.912, 0.703, 0.414, 0.287], strict=True)),
+        ),
+        _run(
+            "gap-robust",
+            "gap",
+            {"backbone": 286880, "head": 1290, "total": 288170},
+            0.978,
+            0.97,
+            52.0,
+            [0.55, 0.90, 0.97],
+            _sizes(zip(SIZES, [0.701, 0.97, 0.962, 0.951, 0.932], strict=True)),
+            _sizes(zip(CANVASES, [0.969, 0.966, 0.958, 0.941, 0.918], strict=True)),
+            robust=True,
+        ),
+    ],
+    "sweep": [
+        {
+            "head": "fc",
+            "train_size": 250,
+            "epochs": 60,
+            "train_acc": 1.0,
+            "test_acc": 0.712,
+            "train_seconds": 9.0,
+        },
+        {
+            "head": "gap",
+            "train_size": 250,
+            "epochs": 60,
+            "train_acc": 0.95,
+            "test_acc": 0.744,
+            "train_seconds": 8.0,
+        },
+        {
+            "head": "fc",
+            "train_size": 1000,
+            "epochs": 15,
+            "train_acc": 1.0,
+            "test_acc": 0.901,
+            "train_seconds": 9.0,
+        },
+        {
+            "head": "gap",
+            "train_size": 1000,
+            "epochs": 15,
+            "train_acc": 0.97,
+            "test_acc": 0.925,
+            "train_seconds": 8.0,
+        },
+    ],
+    "cam": {
+        "model": "gap-robust",
+        "threshold": 0.3,
+        "threshold_source": "chosen on the validation split",
+        "n": 300,
+        "distractors": 0,
+        "rows": [
+            {"size": s, "n": 300, "acc": a, "loc_acc": loc, "top1_loc": t, "mean_iou": iou}
+            for s, a, loc, t, iou in [
+                (28, 0.97, 0.91, 0.89, 0.71),
+                (56, 0.958, 0.823, 0.801, 0.62),
+                (112, 0.918, 0.645, 0.612, 0.51),
+            ]
+        ],
+        "grid": [
+            {
+                "size": 56,
+                "image": "cam/canvas56-0.png",
+                "label": 3,
+                "pred": 3,
+                "prob": 0.97,
+                "pred_box": [10, 12, 30, 34],
+                "true_box": [11, 12, 29, 33],
+                "iou": 0.81,
+            },
+            {
+                "size": 84,
+                "image": "cam/canvas84-0.png",
+                "label": 7,
+                "pred": 1,
+                "prob": 0.55,
+                "pred_box": [40, 40, 60, 70],
+                "true_box": [41, 40, 58, 66],
+                "iou": 0.77,
+            },
+        ],
+    },
+    "total_seconds": 187.4,
+}
+
+
+@pytest.fixture
+def rendered(tmp_path):
+    """FAKE written to a folder holding one of its two CAM PNGs; (paths, md, html)."""
+    (tmp_path / "cam").mkdir()
+    Image.new("RGB", (56, 56), "navy").save(tmp_path / "cam" / "canvas56-0.png")
+    paths = write_report(copy.deepcopy(FAKE), tmp_path)
+    return paths, paths["markdown"].read_text(), paths["html"].read_text()
+
+
+def test_write_report_writes_every_file(rendered, tmp_path):
+    paths, _, _ = rendered
+    assert {p.name for p in paths.values()} == {
+        "results.json",
+        "accuracy.svg",
+        "report.md",
+        "report.html",
+    }
+    assert all(p.parent == tmp_path and p.stat().st_size > 0 for p in paths.values())
+    assert json.loads(paths["results"].read_text()) == FAKE
+
+
+def test_markdown_has_the_sections_and_the_header(rendered):
+    _, md, _ = rendered
+    for heading in (
+        "# GAP vs FC heads: convnet on mnist-5k",
+        "## Heads: parameters, accuracy, overfitting",
+        "## Any input size",
+        "## Overfitting where it matters: small training sets",
+        "## Localization for free: class activation maps",
+    ):
+        assert f"\n{heading}\n" in f"\n{md}", heading
+    top = md.split("## Heads")[0]  # command, machine and date come first
+    assert "gapnet demo --quick" in top and "Test CPU 9000, 2 threads" in top
+    assert "torch 2.13.0" in top and "2025-01-02" in top
+    assert "![test accuracy per epoch, one line per head](accuracy.svg)" in md
+
+
+def test_markdown_states_the_measured_numbers(rendered):
+    _, md, _ = rendered
+    # the heads table: params, accuracies, gaps, times
+    assert "| fc | 3,503,786 | 3,216,906 | 99.5% | 96.2% | +3.3 | 41.5 s |" in md
+    assert "| gap | 288,170 | 1,290 | 98.1% | 97.5% | +0.6 | 35.2 s |" in md
+    # findings templated from those numbers
+    assert "1,290 parameters" in md and "3,216,906 for fc, 2,494x fewer" in md
+    assert "12x smaller" in md
+    assert "+0.6 points vs +3.3 for fc (smaller)" in md
+    # sizes: every n/a cell of fc, the numbers of gap and the robust variant side by side
+    assert md.count(NA) == 4 + 4
+    assert "| gap | 61.2% | 97.5% | 94.4% | 80.1% | 63.3% |" in md
+    assert "| gap-robust | 96.9% | 96.6% | 95.8% | 94.1% | 91.8% |" in md
+    assert "plain gap scores 28.7% and gap-robust (random canvases 28-56 px) 91.8%" in md
+    assert "Best on 112x112 canvases: gap-robust (91.8%)." in md
+    # sweep
+    assert "| fc | 100.0% / 71.2% (+28.8) | 100.0% / 90.1% (+9.9) |" in md
+    assert "gap overfits less than fc at 2 of 2 training-set sizes" in md
+    # CAM
+    assert "| 112x112 | 91.8% | 64.5% | 61.2% | 0.51 |" in md
+    assert "at 0.30 (chosen on the validation split)" in md
+    assert "![true 3, predicted 3 (97%), IoU 0.81](cam/canvas56-0.png)" in md
+
+
+def test_findings_follow_the_numbers():
+    worse = copy.deepcopy(FAKE)
+    worse["runs"][1]["train_acc"] = 1.0  # gap now overfits more than fc
+    worse["sweep"][1]["train_acc"] = 1.0
+    worse["sweep"][1]["test_acc"] = 0.5
+    md = report.to_markdown(report.report_blocks(worse))
+    assert "+2.5 points vs +3.3 for fc (smaller)" in md
+    worse["runs"][1]["train_acc"] = 1.01
+    md = report.to_markdown(report.report_blocks(worse))
+    assert "+3.5 points vs +3.3 for fc (larger)" in md
+    assert "gap overfits less than fc at 1 of 2 training-set sizes" in md
+
+
+def test_html_is_self_contained(rendered):
+    _, _, page = rendered
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert "http" not in page  # no link, script, stylesheet or namespace URL
+    srcs = re.findall(r'src="([^"]*)"', page)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert "<svg" in page and "<polyline" in page  # the chart, inline
+    assert "cam/canvas84-0.png missing" in page  # a PNG that is not there says so
+    assert page.count('<td class="na">n/a (fixed 28x28 input)</td>') == 8
+    assert "<h2>Localization for free: class activation maps</h2>" in page
+
+
+def test_svg_is_valid_xml_with_one_line_per_head(rendered):
+    paths, _, _ = rendered
+    root = ET.fromstring(paths["svg"].read_text())
+    ns = "{http://www.w3.org/2000/svg}"
+    assert root.tag == f"{ns}svg"
+    assert len(root.findall(f"{ns}polyline")) == len(FAKE["runs"])
+    labels = [t.text for t in root.findall(f"{ns}text")]
+    assert {"fc", "gap", "gap-robust", "epoch"} <= set(labels)
+
+
+# (what it exercises, series)
+CHART_CASES = [
+    ("one point", {"a": [(1, 50.0)]}),
+    ("flat line", {"a": [(1, 97.0), (2, 97.0), (3, 97.0)]}),
+    ("no data", {}),
+    ("names to escape", {"<fc & gap>": [(1, 10.0), (2, 90.0)]}),
+    ("many series", {f"h{i}": [(1, float(i)), (5, 100.0 - i)] for i in range(12)}),
+]
+
+
+@pytest.mark.parametrize("series", [c[1] for c in CHART_CASES], ids=[c[0] for c in CHART_CASES])
+def test_svg_line_chart_edge_cases(series):
+    root = ET.fromstring(svg_line_chart(series))
+    ns = "{http://www.w3.org/2000/svg}"
+    assert len(root.findall(f"{ns}polyline")) == len(series)
+    for line in root.findall(f"{ns}polyline"):
+        for pair in line.get("points", "").split():
+            x, y = map(float, pair.split(","))
+            assert 0 <= x <= 600 and 0 <= y <= 320  # inside the picture
+
+
+def test_summary_text_has_the_tables():
+    text = report.summary_text(FAKE)
+    assert "== Heads: parameters, accuracy, overfitting ==" in text
+    assert "gap-robust" in text and NA in text and "(chart: accuracy.svg)" in text
+    assert "<" not in text and "`" not in text
+
+
+def test_render_without_optional_sections(tmp_path):
+    bare = {k: v for k, v in FAKE.items() if k not in ("sweep", "cam")}
+    bare["runs"] = [dict(r, sizes=[], canvases=[]) for r in FAKE["runs"][:1]]
+    md = write_report(bare, tmp_path)["markdown"].read_text()
+    assert "## Heads" in md and "## Any input size" not in md and "## Overfitting" not in md
+    assert "## Localization" not in md
+
+
+def test_load_results_round_trip_and_errors(tmp_path):
+    write_report(FAKE, tmp_path)
+    assert load_results(tmp_path) == FAKE
+    assert load_results(tmp_path / "results.json") == FAKE
+    (tmp_path / "other.json").write_text('{"format": "something else"}')
+    with pytest.raises(ValueError, match="not a gapnet results file"):
+        load_results(tmp_path / "other.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match=r"bad\.json.*not valid JSON"):
+        load_results(tmp_path / "bad.json")
+    with pytest.raises(FileNotFoundError, match=r"no results\.json"):
+        load_results(tmp_path / "nothing")
+
+
+# (what is wrong, fields, message)
+SPEC_ERRORS = [
+    ("no heads", dict(heads=()), "at least one head"),
+    ("a head twice", dict(heads=("gap", "gap")), "names a head twice"),
+    ("zero epochs", dict(epochs=0), "epochs must be an int >= 1"),
+    ("size 0", dict(sizes=(0, 28)), "sizes must hold ints >= 1"),
+    ("eval_n 0", dict(eval_n=0), "eval_n must be an int >= 1 or None"),
+]
+
+
+@pytest.mark.parametrize(
+    "fields,message", [c[1:] for c in SPEC_ERRORS], ids=[c[0] for c in SPEC_ERRORS]
+)
+def test_compare_spec_rejects_bad_fields(fields, message):
+    with pytest.raises(ValueError, match=message):
+        CompareSpec(**fields)
+
+
+def test_compare_spec_round_trip_and_unknown_keys():
+    spec = CompareSpec(robust={"augmentation": "canvas", "canvas_size": (28, 84)})
+    assert CompareSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    with pytest.raises(ValueError, match="unknown keys \\['epoch'\\]"):
+        spec.replace(epoch=3)
+
+
+def test_demo_defaults_live_in_one_constant():
+    spec, quick = DEMO.spec, DEMO.spec.replace(**DEMO.quick)  # both valid specs
+    assert spec.data == "mnist-5k" and spec.robust is not None and spec.cam
+    assert quick.epochs <= spec.epochs and set(quick.heads) <= set(models.HEADS)
+    assert {"fc", "gap"} <= set(spec.heads)
+
+
+def test_size_na_names_why():
+    fc = models.create("convnet-tiny", head="fc")
+    gap = models.create("convnet-tiny", head="gap")
+    assert report.size_na(fc, 28) is None and report.size_na(fc, 56) == "fixed 28x28 input"
+    assert report.size_na(gap, 3) == "needs at least 4x4" and report.size_na(gap, 113) is None
+
+
+TINY = dict(
+    model="convnet-tiny",
+    heads=("fc", "gap"),
+    epochs=1,
+    train_size=200,
+    threads=1,
+    train_sizes=(100,),
+    sweep_steps=2,
+    sizes=(20, 28),
+    canvases=(28, 40),
+    eval_n=40,
+    cam=True,
+    cam_sizes=(40,),
+    cam_examples=1,
+    loc_n=20,
+    threshold=0.2,
+    robust={"augmentation": "canvas", "canvas_size": (28, 40)},
+)
+
+
+def test_run_compare_fills_the_results_and_reuse_skips_training(tmp_path):
+    spec = CompareSpec(**TINY)
+    notes: list[str] = []
+    results = report.run_compare(spec, tmp_path, command="test", progress=False, log=notes.append)
+    assert [r["name"] for r in results["runs"]] == ["fc", "gap", "gap-robust"]
+    fc = results["runs"][0]
+    assert [c["acc"] is None for c in fc["sizes"]] == [True, False]
+    assert fc["canvases"][1]["na"] == "fixed 28x28 input"
+    assert [(s["head"], s["train_size"]) for s in results["sweep"]] == [("fc", 100), ("gap", 100)]
+    assert results["cam"]["model"] == "gap-robust" and results["cam"]["threshold"] == 0.2
+    assert [r["size"] for r in results["cam"]["rows"]] == [28, 40]
+    png = tmp_path / results["cam"]["grid"][0]["image"]
+    assert Image.open(png).size == (40, 40)
+    assert any("gap-robust" in n for n in notes)
+    json.dumps(results)  # JSON-ready as it is
+
+    ckpt = tmp_path / "gap" / "checkpoint.safetensors"
+    before = ckpt.stat().st_mtime_ns
+    again = report.run_compare(spec, tmp_path, progress=False, reuse=True, log=notes.append)
+    assert ckpt.stat().st_mtime_ns == before  # kept, not retrained
+    assert again["runs"][1]["test_acc"] == results["runs"][1]["test_acc"]
+    assert torch.get_num_threads() >= 1
