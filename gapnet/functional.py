@@ -6,8 +6,11 @@ views the result back into the input's layout.
 
 Backends: ``"torch"`` runs PyTorch's own pooling ops; ``"triton"`` runs gapnet's Triton kernels
 (CUDA, or the CPU interpreter under ``TRITON_INTERPRET=1``); ``"auto"`` (the default) picks the
-kernels for CUDA tensors of the dtypes they take when Triton is installed, and PyTorch otherwise.
-Pick one per call with ``backend=``, or for a block of code with ``use_backend(...)``.
+kernels for CUDA tensors of the dtypes they take when Triton is installed, on CPU gapnet's
+strided-view max and average pooling (`gapnet._strided`) where it was measured faster than
+PyTorch's kernel, and PyTorch otherwise. Pick one per call with ``backend=``, or for a block of
+code with ``use_backend(...)``. PyTorch has no asymmetric padding, so ``padding="same"``
+windows that need it always run on the strided-view path unless the kernels take them.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gapnet import _shapes
+from gapnet import _shapes, _strided
 from gapnet._shapes import IntPair, Layout, Padding, Window2d
 
 BACKENDS = ("auto", "torch", "triton")
@@ -51,10 +54,13 @@ def _check_backend(name: str) -> str:
 
 
 def _pick_backend(backend: str | None, x: Tensor, op: str, win: Window2d | None = None) -> str:
-    """The backend that runs this call: "torch" or "triton"."""
+    """What runs this call: "torch" (PyTorch's op), "strided" (gapnet's composition of
+    strided views, where it was measured faster on CPU) or "triton" (the kernels)."""
     name = _check_backend(_default_backend if backend is None else backend)
-    if name == "torch" or (name == "auto" and not x.is_cuda):
+    if name == "torch":
         return "torch"
+    if name == "auto" and not x.is_cuda:
+        return "strided" if win is not None and _strided.prefers(x, op, win) else "torch"
     from gapnet import _ops  # keeps `import gapnet` free of Triton
 
     reason = _ops.unsupported_reason(x, win)
@@ -83,12 +89,6 @@ def _from_nchw(y: Tensor, lay: Layout) -> Tensor:
 def _acc_dtype(x: Tensor) -> torch.dtype:
     """Sums of float16/bfloat16/float32 are taken in float32, of float64 in float64."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _pad_value(x4: Tensor, win: Window2d, value: float) -> Tensor:
-    top, left = win.pad_before
-    bottom, right = win.pad_after
-    return F.pad(x4, (left, right, top, bottom), value=value)
 
 
 def _fits_torch_padding(win: Window2d) -> bool:
@@ -134,21 +134,22 @@ def max_pool2d(
     op = "max_pool2d"
     x4, lay = _as_nchw(x, layout, op)
     win = _shapes.window2d(op, x4.shape[-2:], kernel_size, stride, padding, dilation, ceil_mode)
-    if _pick_backend(backend, x4, op, win) == "triton":
+    use = _pick_backend(backend, x4, op, win)
+    if use == "triton":
         from gapnet import _ops
 
         y, indices = _ops.max_pool2d(x4, win, return_indices)
-    elif _fits_torch_padding(win):
+    elif use == "strided" or not _fits_torch_padding(win):
+        # PyTorch has no asymmetric padding: the strided-view path pools "same" windows as
+        # they are, with no padded copy and padding never chosen as a window's maximum
+        y, indices = _strided.max_pool2d(x4, win, return_indices)
+    elif return_indices:
         y, indices = F.max_pool2d(
             x4, win.kernel, win.stride, win.pad_before, win.dilation, ceil_mode, True
         )
-    else:  # asymmetric "same" padding: pad with -inf, then map indices back to the input
-        padded = _pad_value(x4, win, float("-inf"))
-        y, indices = F.max_pool2d(padded, win.kernel, win.stride, 0, win.dilation, False, True)
-        width = padded.shape[-1]
-        rows = indices // width - win.pad_before[0]
-        cols = indices % width - win.pad_before[1]
-        indices = rows * x4.shape[-1] + cols
+    else:
+        y = F.max_pool2d(x4, win.kernel, win.stride, win.pad_before, win.dilation, ceil_mode)
+        indices = None
     y = _from_nchw(y, lay)
     if not return_indices:
         return y
@@ -194,27 +195,18 @@ def avg_pool2d(
     _shapes.check_divisor_override(divisor_override, op)
     x4, lay = _as_nchw(x, layout, op)
     win = _shapes.window2d(op, x4.shape[-2:], kernel_size, stride, padding, 1, ceil_mode)
-    if _pick_backend(backend, x4, op, win) == "triton":
+    use = _pick_backend(backend, x4, op, win)
+    if use == "triton":
         from gapnet import _ops
 
         y = _ops.avg_pool2d(x4, win, count_include_pad, divisor_override)
-    elif not win.same:
+    elif use == "strided" or win.same:  # PyTorch cannot leave "same" padding uncounted
+        y = _strided.avg_pool2d(x4, win, count_include_pad, divisor_override)
+    else:
         y = F.avg_pool2d(
             x4, win.kernel, win.stride, win.pad_before, ceil_mode, count_include_pad,
             divisor_override,
         )  # fmt: skip
-    else:  # Keras "same": sum over the zero-padded input, divide by the real cells only
-        padded = _pad_value(x4.to(_acc_dtype(x4)), win, 0.0)
-        sums = F.avg_pool2d(padded, win.kernel, win.stride, divisor_override=1)
-        if divisor_override is not None:
-            y = sums / divisor_override
-        else:
-            rows, cols = (
-                torch.tensor(win.divisors(False, a), dtype=sums.dtype, device=x.device)
-                for a in (0, 1)
-            )
-            y = sums / (rows[:, None] * cols[None, :])
-        y = y.to(x4.dtype)
     return _from_nchw(y, lay)
 
 

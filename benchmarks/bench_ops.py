@@ -1,0 +1,332 @@
+"""Time gapnet's pooling ops against PyTorch on the labelled shapes of `shapes.py`.
+
+GPU (``--device cuda``): gapnet (backend "auto": the Triton kernels), PyTorch eager and
+``torch.compile`` of the same PyTorch code, fp32 and bf16, NCHW and channels_last, forward and
+backward; medians of ``triton.testing.do_bench`` (which flushes L2 between runs), also timed as
+CUDA-graph replays for inputs under 32 MiB, where launch overhead dominates; each time as a
+fraction of the bytes-moved floor at the measured copy bandwidth; peak memory of max pool
+forward+backward; and a NiN training step with gapnet's kernels vs PyTorch's pooling.
+
+CPU (``--device cpu``): gapnet (backend "auto") vs PyTorch eager with the same threads,
+fp32, NCHW and channels_last, forward and forward+backward, median wall time.
+
+Prints one table last and appends it to ``benchmarks/RESULTS.md`` with the device, versions,
+date and git revision. Inputs are random normal (never zeros).
+
+    PYTHONPATH=. python benchmarks/bench_ops.py --device cuda   # on a GPU machine
+    .venv/bin/python benchmarks/bench_ops.py --device cpu        # here
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from shapes import CPU_CASES, GPU_CASES, Case
+
+import gapnet.functional as GF
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+MiB = 1 << 20
+
+
+# ----------------------------------------------------------------------------- the ops
+
+
+def pytorch_op(case: Case, x: torch.Tensor, extra: dict) -> torch.Tensor:
+    """What a PyTorch user writes for this op (timm's formulas for the global kinds)."""
+    a = case.args
+    if case.op == "global_pool2d":
+        kind = a["kind"]
+        if kind == "avg":
+            return x.mean((2, 3))
+        if kind == "catavgmax":
+            return torch.cat((x.mean((2, 3)), F.adaptive_max_pool2d(x, 1).flatten(1)), 1)
+        if kind == "gem":
+            return x.clamp(min=1e-6).pow(3.0).mean((2, 3)).pow(1.0 / 3.0)
+        raise ValueError(kind)
+    if case.op == "gap_linear":
+        return F.linear(x.mean((2, 3)), extra["weight"], extra["bias"])
+    if case.op == "max_pool2d":
+        return F.max_pool2d(x, a["kernel_size"], a.get("stride"), a.get("padding", 0))
+    if case.op == "avg_pool2d":
+        if a.get("padding") == "same":  # PyTorch has no asymmetric "same": gapnet's torch path
+            return GF.avg_pool2d(x, a["kernel_size"], a["stride"], "same", backend="torch")
+        return F.avg_pool2d(
+            x, a["kernel_size"], a.get("stride"), a.get("padding", 0),
+            count_include_pad=a.get("count_include_pad", True),
+        )  # fmt: skip
+    raise ValueError(case.op)
+
+
+def gapnet_op(case: Case, x: torch.Tensor, extra: dict) -> torch.Tensor:
+    a = dict(case.args)
+    if case.op == "gap_linear":
+        return GF.gap_linear(x, extra["weight"], extra["bias"])
+    a.pop("num_classes", None)
+    return getattr(GF, case.op)(x, **a)
+
+
+def make_input(case: Case, dtype: torch.dtype, channels_last: bool, device: str):
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(case.shape, generator=gen, device=device, dtype=torch.float32)
+    if case.args.get("kind") == "gem":
+        x = x.abs()
+    x = x.to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    extra = {}
+    if case.op == "gap_linear":
+        k, c = case.args["num_classes"], case.shape[1]
+        extra["weight"] = torch.randn(k, c, generator=gen, device=device).to(dtype) / c**0.5
+        extra["bias"] = torch.randn(k, generator=gen, device=device).to(dtype)
+    return x, extra
+
+
+def floor_bytes(case: Case, x: torch.Tensor, y: torch.Tensor, backward: bool) -> int:
+    """Bytes that must move: each input read once, each output written once."""
+    moved = x.numel() * x.element_size() + y.numel() * y.element_size()
+    if case.op == "max_pool2d":
+        moved += y.numel()  # the one byte per output the backward needs
+    if backward and case.args.get("kind") == "gem":
+        moved += x.numel() * x.element_size()  # the gradient reads x too
+    return moved
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def cpu_time(fn: Callable[[], object], budget: float = 1.0) -> float:
+    """Median seconds of fn over repeated runs within about `budget` seconds."""
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 5 or (time.perf_counter() - start < budget and len(times) < 200):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def gpu_time(fn: Callable[[], object], graph: bool) -> float:
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    if graph:
+        return do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e-3
+    return do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e-3
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy, counting reads and writes."""
+    src = torch.randn(256 * MiB, device="cuda")
+    dst = torch.empty_like(src)
+    seconds = gpu_time(lambda: dst.copy_(src), graph=False)
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+# ----------------------------------------------------------------------------- one row
+
+
+def time_impl(case, op, x, extra, device, bandwidth) -> dict:
+    """Forward and backward times of one implementation (and, on GPU, floors and memory)."""
+    out: dict = {}
+    xg = x.detach().requires_grad_(True)
+    y = op(case, xg, extra)
+    g = torch.randn_like(y)
+
+    def fwd() -> object:
+        return op(case, x, extra)
+
+    if device == "cpu":
+        out["fwd"] = cpu_time(fwd)
+        out["fwd+bwd"] = cpu_time(lambda: torch.autograd.grad(op(case, xg, extra), xg, g))
+        return out
+    with torch.no_grad():
+        out["fwd"] = gpu_time(fwd, graph=False)
+        if x.numel() * x.element_size() < 32 * MiB:  # launch-bound: also the GPU time alone
+            out["fwd graph"] = gpu_time(fwd, graph=True)
+    out["bwd"] = gpu_time(lambda: torch.autograd.grad(y, xg, g, retain_graph=True), graph=False)
+    for part in ("fwd", "bwd"):
+        out[f"{part} frac"] = floor_bytes(case, x, y, part == "bwd") / bandwidth / out[part]
+    if case.op == "max_pool2d":
+        del y
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        op(case, xg, extra).backward(g)
+        out["peak MiB"] = (torch.cuda.max_memory_allocated() - base) / MiB
+    return out
+
+
+def run_row(case, dtype, channels_last, device, bandwidth, compile_too) -> dict:
+    x, extra = make_input(case, dtype, channels_last, device)
+    row = {
+        "label": case.label, "op": case.op, "shape": "x".join(map(str, case.shape)),
+        "dtype": str(dtype)[6:], "layout": "CL" if channels_last else "NCHW",
+    }  # fmt: skip
+    impls = {"gapnet": gapnet_op, "eager": pytorch_op}
+    if compile_too:
+        compiled = torch.compile(lambda x, e: pytorch_op(case, x, e), dynamic=False)
+        impls["compile"] = lambda case, x, e: compiled(x, e)
+    for name, op in impls.items():
+        for key, value in time_impl(case, op, x, extra, device, bandwidth).items():
+            row[f"{name} {key}"] = value
+    return row
+
+
+def nin_step_ratio() -> str:
+    """A NiN training step (batch 512, 32x32, bf16 autocast, channels_last): torch vs gapnet."""
+    from gapnet.models import create
+
+    model = create("nin", num_classes=10).cuda().to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(512, 3, 32, 32, device="cuda", generator=gen)
+    x = x.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (512,), device="cuda", generator=gen)
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    times = {}
+    for backend in ("torch", "auto"):
+        with GF.use_backend(backend):
+            times[backend] = gpu_time(step, graph=False)
+    ratio = times["torch"] / times["auto"]
+    return (
+        f"NiN training step (batch 512, 32x32, bf16 autocast, channels_last, SGD): "
+        f"PyTorch pooling {times['torch'] * 1e3:.3f} ms, gapnet kernels "
+        f"{times['auto'] * 1e3:.3f} ms: {ratio:.2f}x"
+    )
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def format_table(rows: list[dict], device: str) -> str:
+    if device == "cpu":
+        head = ["case", "shape", "layout", "gapnet fwd ms", "torch fwd ms", "speedup",
+                "gapnet f+b ms", "torch f+b ms", "speedup"]  # fmt: skip
+        lines = []
+        for r in rows:
+            lines.append([
+                r["label"], r["shape"], r["layout"],
+                f"{r['gapnet fwd'] * 1e3:.3f}", f"{r['eager fwd'] * 1e3:.3f}",
+                f"{r['eager fwd'] / r['gapnet fwd']:.2f}x",
+                f"{r['gapnet fwd+bwd'] * 1e3:.3f}", f"{r['eager fwd+bwd'] * 1e3:.3f}",
+                f"{r['eager fwd+bwd'] / r['gapnet fwd+bwd']:.2f}x",
+            ])  # fmt: skip
+    else:
+        head = ["case", "dtype", "layout", "pass", "gapnet us (floor)", "eager us (floor)",
+                "compile us (floor)", "vs eager", "vs compile", "graph us g/e/c"]  # fmt: skip
+        lines = []
+        for r in rows:
+            for part in ("fwd", "bwd"):
+                cells = []
+                for name in ("gapnet", "eager", "compile"):
+                    t = r.get(f"{name} {part}")
+                    frac = r.get(f"{name} {part} frac")
+                    cells.append("-" if t is None else f"{t * 1e6:.1f} ({frac:.2f})")
+                vs_e = r["eager " + part] / r["gapnet " + part]
+                vs_c = r.get("compile " + part, float("nan")) / r["gapnet " + part]
+                graph = "-"
+                if part == "fwd" and "gapnet fwd graph" in r:
+                    graph = "/".join(
+                        f"{r.get(n + ' fwd graph', float('nan')) * 1e6:.1f}"
+                        for n in ("gapnet", "eager", "compile")
+                    )
+                lines.append([r["label"], r["dtype"], r["layout"], part, *cells,
+                              f"{vs_e:.2f}x", f"{vs_c:.2f}x", graph])  # fmt: skip
+    table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    table += ["| " + " | ".join(cells) + " |" for cells in lines]
+    return "\n".join(table)
+
+
+def environment(device: str, bandwidth: float | None) -> str:
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "gapnet"], capture_output=True,
+                               text=True).stdout.strip()  # fmt: skip
+        rev += " (+ uncommitted changes)" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        rev = "unknown"
+    if device == "cuda":
+        import triton
+
+        name = torch.cuda.get_device_name()
+        versions = f"torch {torch.__version__}, triton {triton.__version__}"
+        extra = f", copy bandwidth {bandwidth / 1e12:.2f} TB/s"
+    else:
+        name = platform.processor() or platform.machine()
+        versions = f"torch {torch.__version__}"
+        extra = f", {torch.get_num_threads()} threads, {os.cpu_count()} cores"
+    date = datetime.date.today().isoformat()
+    return f"{name}; {versions}; {date}; git {rev}{extra}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--only", default="", help="run cases whose label contains this")
+    parser.add_argument("--no-save", action="store_true", help="don't append to RESULTS.md")
+    args = parser.parse_args()
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA GPU here")
+    cases = [c for c in (GPU_CASES if device == "cuda" else CPU_CASES) if args.only in c.label]
+    dtypes = (torch.float32, torch.bfloat16) if device == "cuda" else (torch.float32,)
+    bandwidth = copy_bandwidth() if device == "cuda" else None
+    rows = []
+    for case in cases:
+        for dtype in dtypes:
+            for channels_last in (False, True):
+                try:
+                    row = run_row(case, dtype, channels_last, device, bandwidth,
+                                  device == "cuda" and not args.no_compile)  # fmt: skip
+                except Exception as error:  # one broken row must not lose the table
+                    print(f"FAILED {case.label} {dtype} cl={channels_last}: {error!r}")
+                    continue
+                rows.append(row)
+                print("done", case.label, str(dtype)[6:], row["layout"], flush=True)
+    notes = [nin_step_ratio()] if device == "cuda" else []
+    if device == "cuda":
+        for r in rows:
+            if "gapnet peak MiB" in r:
+                notes.append(
+                    f"peak memory, max pool fwd+bwd, {r['label']} {r['dtype']} {r['layout']}: "
+                    f"gapnet {r['gapnet peak MiB']:.0f} MiB, eager {r['eager peak MiB']:.0f} MiB"
+                )
+    title = f"## {device.upper()} pooling ops: {environment(device, bandwidth)}"
+    command = f"`{shlex.join(['python', 'benchmarks/bench_ops.py', *sys.argv[1:]])}`"
+    text = "\n\n".join([title, command, format_table(rows, device), *notes]) + "\n"
+    print()
+    print(text)
+    if not args.no_save:
+        with RESULTS.open("a") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
