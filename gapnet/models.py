@@ -366,6 +366,12 @@ class PooledHead(ClassifierHead):
     linear in the map, so their class maps show where the evidence is but do NOT average to
     the logits.
 
+    More blank canvas around an object adds only copies of the background and border features.
+    A maximum depends on which features occur, not how often, so "gmp" logits do not change at
+    all; a mean ("gap", "gap-fc", half of "avgmax") dilutes the object's evidence by its area
+    fraction f and drifts to what the head says about blank background; "gem" dilutes it only
+    by f^(1/p) (docs/research_any_size.md).
+
     Args:
         in_features: channels C of the feature map.
         num_classes: classes K; 0 leaves the pooled features.

@@ -71,6 +71,32 @@ def test_any_input_size_non_square(h, w, n):
     assert model(x).shape == (n, K)
 
 
+def _on_blank_canvas(digits: torch.Tensor, size: int) -> torch.Tensor:
+    """`digits` at rows 24.., columns 20.. of a blank size x size canvas: the same distance from
+    the top and left edges, and the same phase on the 2x2 pooling grid, whatever the size."""
+    n, c, h, w = digits.shape
+    x = torch.zeros(n, c, size, size)
+    x[:, :, 24 : 24 + h, 20 : 20 + w] = digits
+    return x
+
+
+@pytest.mark.parametrize("head", ["gmp", "gap", "gap-fc", "avgmax", "gem"])
+def test_more_blank_canvas(head):
+    """A max depends on which features occur, not on how often: once the canvas holds every
+    border context, more blank canvas only repeats background features, so gmp's logits stay
+    the same, while every head that averages drifts toward what it says about blank background
+    (docs/research_any_size.md)."""
+    model = tiny(head)
+    digits = randn(2, 1, 20, 20).abs()  # ink > 0 on a background of exactly 0, as MNIST
+    with torch.no_grad():
+        logits = [model(_on_blank_canvas(digits, size)) for size in (64, 128, 256)]
+    for bigger in logits[1:]:
+        if head == "gmp":
+            torch.testing.assert_close(bigger, logits[0])
+        else:
+            assert not torch.allclose(bigger, logits[0])
+
+
 @pytest.mark.parametrize(
     "head, width",
     [

@@ -395,6 +395,8 @@ TINY = dict(
     loc_n=20,
     threshold=0.2,
     robust={"augmentation": "canvas", "canvas_size": (28, 40)},
+    train={"augmentation": "shift", "label_smoothing": 0.1},
+    sweep_train={"augmentation": "none", "label_smoothing": 0.0},
 )
 
 
@@ -412,6 +414,15 @@ def test_run_compare_fills_the_results_and_reuse_skips_training(tmp_path):
     png = tmp_path / results["cam"]["grid"][0]["image"]
     assert Image.open(png).size == (40, 40)
     assert any("gap-robust" in n for n in notes)
+    # the main runs train with `train`, the sweep with `sweep_train` on top of it
+    main_cfg = json.loads((tmp_path / "gap" / "config.json").read_text())["train"]
+    sweep_cfg = json.loads((tmp_path / "sweep" / "gap-100" / "config.json").read_text())["train"]
+    assert (main_cfg["augmentation"], main_cfg["label_smoothing"]) == ("shift", 0.1)
+    assert (sweep_cfg["augmentation"], sweep_cfg["label_smoothing"]) == ("none", 0.0)
+    assert any("overfitting sweep, no augmentation, label smoothing 0" in n for n in notes)
+    md = report.to_markdown(report.report_blocks(results))
+    assert "random shifts of up to 1 px, label smoothing 0.1." in md
+    assert "These runs train with no augmentation, label smoothing 0" in md
     json.dumps(results)  # JSON-ready as it is
 
     ckpt = tmp_path / "gap" / "checkpoint.safetensors"
