@@ -8,7 +8,8 @@ fraction of the bytes-moved floor at the measured copy bandwidth; peak memory of
 forward+backward; and a NiN training step with gapnet's kernels vs PyTorch's pooling.
 
 CPU (``--device cpu``): gapnet (backend "auto") vs PyTorch eager with the same threads,
-fp32, NCHW and channels_last, forward and forward+backward, median wall time.
+fp32, NCHW and channels_last, forward and forward+backward, median wall time of runs
+interleaved with PyTorch's (see `cpu_times`).
 
 Prints one table last and appends it to ``benchmarks/RESULTS.md`` with the device, versions,
 date and git revision. Inputs are random normal (never zeros).
@@ -111,16 +112,24 @@ def floor_bytes(case: Case, x: torch.Tensor, y: torch.Tensor, backward: bool) ->
 # ----------------------------------------------------------------------------- timing
 
 
-def cpu_time(fn: Callable[[], object], budget: float = 1.0) -> float:
-    """Median seconds of fn over repeated runs within about `budget` seconds."""
-    fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < 5 or (time.perf_counter() - start < budget and len(times) < 200):
-        t0 = time.perf_counter()
+def cpu_times(fns: dict[str, Callable[[], object]], budget: float = 2.0) -> dict[str, float]:
+    """Median seconds of each fn, the fns called in turn within one loop of about `budget`.
+
+    Interleaving matters on a shared VM: its speed drifts by 2x or more over seconds, and
+    timing one implementation after the other would credit the drift to one of them.
+    """
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < 7 or (time.perf_counter() - start < budget and rounds < 200):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def gpu_time(fn: Callable[[], object], graph: bool) -> float:
@@ -152,10 +161,6 @@ def time_impl(case, op, x, extra, device, bandwidth) -> dict:
     def fwd() -> object:
         return op(case, x, extra)
 
-    if device == "cpu":
-        out["fwd"] = cpu_time(fwd)
-        out["fwd+bwd"] = cpu_time(lambda: torch.autograd.grad(op(case, xg, extra), xg, g))
-        return out
     with torch.no_grad():
         out["fwd"] = gpu_time(fwd, graph=False)
         if x.numel() * x.element_size() < 32 * MiB:  # launch-bound: also the GPU time alone
@@ -173,6 +178,22 @@ def time_impl(case, op, x, extra, device, bandwidth) -> dict:
     return out
 
 
+def cpu_row(case: Case, impls: dict, x: torch.Tensor, extra: dict) -> dict:
+    """CPU forward and forward+backward medians of every implementation, timed interleaved."""
+    xg = x.detach().requires_grad_(True)
+    g = torch.randn_like(pytorch_op(case, x, extra))
+    fwd = {name: (lambda op=op: op(case, x, extra)) for name, op in impls.items()}
+    both = {
+        name: (lambda op=op: torch.autograd.grad(op(case, xg, extra), xg, g))
+        for name, op in impls.items()
+    }
+    row = {}
+    for part, fns in (("fwd", fwd), ("fwd+bwd", both)):
+        for name, seconds in cpu_times(fns).items():
+            row[f"{name} {part}"] = seconds
+    return row
+
+
 def run_row(case, dtype, channels_last, device, bandwidth, compile_too) -> dict:
     x, extra = make_input(case, dtype, channels_last, device)
     row = {
@@ -180,6 +201,9 @@ def run_row(case, dtype, channels_last, device, bandwidth, compile_too) -> dict:
         "dtype": str(dtype)[6:], "layout": "CL" if channels_last else "NCHW",
     }  # fmt: skip
     impls = {"gapnet": gapnet_op, "eager": pytorch_op}
+    if device == "cpu":
+        row.update(cpu_row(case, impls, x, extra))
+        return row
     if compile_too:
         compiled = torch.compile(lambda x, e: pytorch_op(case, x, e), dynamic=False)
         impls["compile"] = lambda case, x, e: compiled(x, e)

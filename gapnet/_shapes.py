@@ -7,6 +7,7 @@ last window) is written once and every backend agrees on it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -168,6 +169,14 @@ def _torch_out_size(size: int, k: int, s: int, d: int, pad: int, ceil_mode: bool
     return out
 
 
+def _plain(value: object) -> bool:
+    """An argument that may key a cache: None, an exact int or str, or a tuple of exact ints
+    (a bool is not an int here: True == 1 must not find the cached window of kernel_size=1)."""
+    if value is None or type(value) in (int, str):
+        return True
+    return type(value) is tuple and all(type(v) is int for v in value)
+
+
 def window2d(
     op: str,
     in_size: Sequence[int],
@@ -177,7 +186,26 @@ def window2d(
     dilation: IntPair = 1,
     ceil_mode: bool = False,
 ) -> Window2d:
-    """Validate the arguments of a strided 2-d pool and resolve its windows and output size."""
+    """Validate the arguments of a strided 2-d pool and resolve its windows and output size.
+
+    Resolved windows are cached (a model calls the same pool with the same arguments every
+    step, and resolving them in Python costs more than a small pool itself).
+    """
+    args = (op, (int(in_size[0]), int(in_size[1])), kernel_size, stride, padding, dilation)
+    if all(_plain(a) for a in args[2:]) and type(ceil_mode) is bool:
+        return _cached_window2d(*args, ceil_mode)
+    return _resolve_window2d(op, in_size, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+def _resolve_window2d(
+    op: str,
+    in_size: Sequence[int],
+    kernel_size: IntPair,
+    stride: IntPair | None,
+    padding: Padding,
+    dilation: IntPair,
+    ceil_mode: bool,
+) -> Window2d:
     kernel = pair(kernel_size, "kernel_size")
     strides = kernel if stride is None else pair(stride, "stride")
     dil = pair(dilation, "dilation")
@@ -226,6 +254,9 @@ def window2d(
                 f"kernel_size={kernel}, padding={padding!r}, dilation={dil}"
             )
     return window
+
+
+_cached_window2d = functools.lru_cache(maxsize=1024)(_resolve_window2d)
 
 
 def adaptive_output_size(

@@ -788,6 +788,28 @@ def test_gem_tensor_p_keeps_the_input_dtype(dtype: torch.dtype) -> None:
     assert GF.global_pool2d(x, "gem", p=torch.tensor([3.0]), backend="torch").dtype == dtype
 
 
+@pytest.mark.parametrize("p", [3.0, torch.tensor([2.5])])
+def test_gem_without_autograd_matches_and_keeps_the_input(p: float | torch.Tensor) -> None:
+    """Inference powers a private clamped copy in place: same values, the input untouched."""
+    x = torch.rand(2, 3, 5, 5, dtype=torch.float64)
+    before = x.clone()
+    with torch.no_grad():
+        fast = GF.global_pool2d(x, "gem", p=p, backend="torch")
+    np.testing.assert_array_equal(x.numpy(), before.numpy())
+    with_grad = GF.global_pool2d(x.requires_grad_(), "gem", p=p, backend="torch")
+    np.testing.assert_allclose(fast.numpy(), with_grad.detach().numpy(), rtol=1e-12)
+
+
+def test_cached_windows_tell_bools_from_ints() -> None:
+    """window2d caches by argument; True == 1 must still be refused after kernel_size=1 ran."""
+    x = torch.rand(1, 1, 4, 4)
+    GF.max_pool2d(x, 1)
+    with pytest.raises(TypeError, match="kernel_size must be an int or a pair of ints"):
+        GF.max_pool2d(x, True)
+    with pytest.raises(TypeError, match="stride must be an int or a pair of ints"):
+        GF.max_pool2d(x, 1, (True, 1))
+
+
 # ----------------------------------------------------------------------------- bad input
 
 W = torch.ones(4, 3)
