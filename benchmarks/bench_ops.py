@@ -123,8 +123,9 @@ def cpu_times(fns: dict[str, Callable[[], object]], budget: float = 2.0) -> dict
     times: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
     rounds = 0
-    while rounds < 7 or (time.perf_counter() - start < budget and rounds < 200):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    while rounds < 8 or (time.perf_counter() - start < budget and rounds < 200):
+        for name, fn in order if rounds % 2 else order[::-1]:  # ABBA: no one always goes first
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
