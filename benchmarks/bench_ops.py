@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -303,7 +302,9 @@ def environment(device: str, bandwidth: float | None) -> str:
         versions = f"torch {torch.__version__}, triton {triton.__version__}"
         extra = f", copy bandwidth {bandwidth / 1e12:.2f} TB/s"
     else:
-        name = platform.processor() or platform.machine()
+        from gapnet.report import machine_info
+
+        name = machine_info()["cpu"]
         versions = f"torch {torch.__version__}"
         extra = f", {torch.get_num_threads()} threads, {os.cpu_count()} cores"
     date = datetime.date.today().isoformat()
