@@ -4,7 +4,8 @@ A GAP-headed classifier's logits are the spatial means of per-class maps, so eac
 comes free with the forward pass (Zhou et al., "Learning Deep Features for Discriminative
 Localization", CVPR 2016): `class_activation_maps` runs the backbone once and reads the maps off
 the head's weights (no hooks, no gradients). `cam_boxes` turns a map into a box with the paper's
-rule (the largest connected region above 20% of the map's maximum), `box_iou` scores it,
+rule (the largest connected region above 20% of the map's maximum) or around every region above
+the level, `box_iou` scores it,
 `overlay` paints it over the image, and `localize` / `choose_threshold` measure CAM localization
 on `gapnet.data.canvas_mnist` (digits at random places on larger blank canvases).
 
@@ -29,7 +30,11 @@ from torch import Tensor
 from gapnet import data as _data
 from gapnet.models import FC_HEADS, GapNet
 
-THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # choose_threshold's default candidates
+# choose_threshold's default candidates: 0.05 apart where CAM boxes are good, coarser above
+THRESHOLDS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8)
+# what `cam_boxes` boxes: the largest 4-connected region above the level (the CAM paper's rule,
+# robust to clutter), or every pixel above it (keeps a digit whose map splits into two blobs)
+REGIONS = ("largest", "all")
 CANVAS_SIZES = (28, 40, 56, 84, 112)  # localize's default canvas sides
 ROW_KEYS = ("size", "n", "acc", "loc_acc", "top1_loc", "mean_iou", "seconds")  # localize rows
 
@@ -258,17 +263,19 @@ def _boxes_of(mask: Tensor) -> Tensor:
     return torch.where(rows.any(dim=1, keepdim=True), boxes, full)
 
 
-def cam_boxes(maps: Any, threshold: float = 0.2) -> Tensor:
+def cam_boxes(maps: Any, threshold: float = 0.2, region: str = "largest") -> Tensor:
     """One box per map: around the largest 4-connected region of pixels >= threshold * max(map).
 
     The CAM paper's rule (Zhou et al. 2016, 20% of the maximum). Ties between regions of equal
-    size go to the one whose first pixel comes first in raster order. A map with no pixel at or
-    above the level (a constant or all-zero map passes everywhere; a map whose maximum is <= 0
-    may pass nowhere) gets the full-image box (0, 0, W, H).
+    size go to the one whose first pixel comes first in raster order. ``region="all"`` boxes
+    every pixel at or above the level instead. A map with no pixel at or above the level (a
+    constant or all-zero map passes everywhere; a map whose maximum is <= 0 may pass nowhere)
+    gets the full-image box (0, 0, W, H).
 
     Args:
         maps: maps as a tensor or array, e.g. `class_activation_maps(...).maps`; finite.
         threshold: the fraction of each map's maximum a pixel must reach, in [0, 1].
+        region: "largest" (the paper's rule) or "all" (see `REGIONS`).
 
     Returns:
         int64 boxes (x0, y0, x1, y1), x1 and y1 exclusive (as `gapnet.data.canvas_mnist`), on
@@ -283,6 +290,8 @@ def cam_boxes(maps: Any, threshold: float = 0.2) -> Tensor:
         >>> m[0, 2:5, 4:7] = 0.5  # 9 pixels, the larger region at 20%
         >>> cam_boxes(m).tolist(), cam_boxes(m, threshold=0.6).tolist()
         ([[4, 2, 7, 5]], [[1, 1, 3, 3]])
+        >>> cam_boxes(m, region="all").tolist()
+        [[1, 1, 7, 5]]
     """
     m = _as_tensor(maps, "cam_boxes: maps")
     single = m.ndim == 2
@@ -294,6 +303,8 @@ def cam_boxes(maps: Any, threshold: float = 0.2) -> Tensor:
         raise TypeError(f"cam_boxes: maps must be real numbers, got {m.dtype}")
     if isinstance(threshold, bool) or not 0.0 <= float(threshold) <= 1.0:
         raise ValueError(f"cam_boxes: threshold must be in [0, 1], got {threshold!r}")
+    if region not in REGIONS:
+        raise ValueError(f"cam_boxes: region must be one of {', '.join(REGIONS)}, got {region!r}")
     n, h, w = m.shape
     if h == 0 or w == 0:
         raise ValueError(f"cam_boxes: maps must not be empty, got shape {tuple(m.shape)}")
@@ -304,13 +315,14 @@ def cam_boxes(maps: Any, threshold: float = 0.2) -> Tensor:
         raise ValueError("cam_boxes: maps must be finite, got NaN or infinity")
     level = float(threshold) * m.amax(dim=(1, 2), keepdim=True)  # (N, 1, 1)
     mask = m >= level  # (N, H, W)
-    labels = label_components(mask).view(n, h * w)  # background: h * w
-    sizes = torch.zeros(n, h * w + 1, dtype=torch.int64, device=m.device)
-    sizes.scatter_add_(1, labels, torch.ones_like(labels))  # (N, HW + 1) pixels per label
-    sizes[:, -1] = 0
-    largest = sizes.argmax(dim=1, keepdim=True)  # (N, 1): first of equal sizes in raster order
-    region = (labels == largest).view(n, h, w) & mask
-    boxes = _boxes_of(region)
+    if region == "largest":
+        labels = label_components(mask).view(n, h * w)  # background: h * w
+        sizes = torch.zeros(n, h * w + 1, dtype=torch.int64, device=m.device)
+        sizes.scatter_add_(1, labels, torch.ones_like(labels))  # (N, HW + 1) pixels per label
+        sizes[:, -1] = 0
+        largest = sizes.argmax(dim=1, keepdim=True)  # (N, 1): first of equal sizes, raster order
+        mask = (labels == largest).view(n, h, w) & mask
+    boxes = _boxes_of(mask)
     return boxes[0] if single else boxes
 
 
@@ -515,7 +527,7 @@ def save_png(img: Any, path: str | os.PathLike[str]) -> Path:
 def _score(
     model: GapNet,
     size: int,
-    thresholds: Sequence[float],
+    rules: Sequence[tuple[str, float]],
     *,
     n: int | None,
     distractors: int,
@@ -524,7 +536,8 @@ def _score(
     split: str,
     source: str,
 ) -> list[dict[str, Any]]:
-    """One localize row per threshold for canvas side `size`; one forward per batch for all."""
+    """One localize row per box rule (region, threshold) for canvas side `size`; one forward per
+    batch for all."""
     canvases, true_boxes = _data.canvas_mnist(
         size, n=n, distractors=distractors, seed=seed, split=split, source=source
     )
@@ -532,9 +545,9 @@ def _score(
     start = time.perf_counter()
     count = len(canvases)
     correct = 0
-    hits = torch.zeros(len(thresholds), dtype=torch.int64)  # IoU >= 0.5
-    top1 = torch.zeros(len(thresholds), dtype=torch.int64)  # ... and the right class
-    iou_sum = torch.zeros(len(thresholds), dtype=torch.float64)
+    hits = torch.zeros(len(rules), dtype=torch.int64)  # IoU >= 0.5
+    top1 = torch.zeros(len(rules), dtype=torch.int64)  # ... and the right class
+    iou_sum = torch.zeros(len(rules), dtype=torch.float64)
     for xb, yb, bb in zip(
         canvases.images.split(batch_size),
         canvases.labels.split(batch_size),
@@ -544,8 +557,8 @@ def _score(
         cam = class_activation_maps(model, xb.to(device=ref.device, dtype=ref.dtype))
         right = cam.classes.cpu() == yb  # (B,)
         correct += int(right.sum())
-        for i, t in enumerate(thresholds):
-            iou = box_iou(cam_boxes(cam.maps, t).cpu(), bb)  # (B,)
+        for i, (region, t) in enumerate(rules):
+            iou = box_iou(cam_boxes(cam.maps, t, region).cpu(), bb)  # (B,)
             hit = iou >= 0.5
             hits[i] += int(hit.sum())
             top1[i] += int((hit & right).sum())
@@ -564,7 +577,7 @@ def _score(
             mean_iou=float(iou_sum[i]) / denom,
             seconds=seconds,
         )
-        for i in range(len(thresholds))
+        for i in range(len(rules))
     ]
 
 
@@ -588,6 +601,7 @@ def localize(
     n: int | None = None,
     distractors: int = 0,
     threshold: float = 0.2,
+    region: str = "largest",
     seed: int = 0,
     batch_size: int = 256,
     split: str = "test",
@@ -597,7 +611,7 @@ def localize(
 
     For each canvas side S, `gapnet.data.canvas_mnist` places each digit at a random place on a
     blank canvas with its true box; the predicted class's CAM (upsampled, normalized) gives a
-    box by `cam_boxes` at `threshold`, scored against the true box by IoU.
+    box by `cam_boxes` at `threshold` around `region`, scored against the true box by IoU.
 
     Args:
         model: a `GapNet` with a global-pooling head and 1 input channel.
@@ -605,6 +619,7 @@ def localize(
         n: digits per size (a fixed stratified subset); None: the whole split.
         distractors: stroke-like crops of other digits pasted on each canvas.
         threshold: `cam_boxes`' fraction of the map's maximum.
+        region: `cam_boxes`' region rule, "largest" or "all".
         seed: placement seed (the same seed, the same canvases).
         batch_size: images per forward pass.
         split: "test" (the default: held-out digits) or "train".
@@ -623,11 +638,11 @@ def localize(
         [(28, 10, True), (40, 10, True)]
     """
     _check_cam_model(model)
-    cam_boxes(torch.zeros(1, 1, 1), threshold)  # validates the threshold before any work
+    cam_boxes(torch.zeros(1, 1, 1), threshold, region)  # validates both before any work
     batch = _check_batch_size(batch_size)
     return [
         _score(
-            model, s, (threshold,), n=n, distractors=distractors, seed=seed,
+            model, s, ((region, threshold),), n=n, distractors=distractors, seed=seed,
             batch_size=batch, split=split, source=source,
         )[0]
         for s in _check_sizes(sizes)
@@ -635,11 +650,12 @@ def localize(
 
 
 class ThresholdChoice(NamedTuple):
-    """What `choose_threshold` returns."""
+    """What `choose_threshold` returns: the box rule with the best validation loc_acc."""
 
-    threshold: float  # the candidate with the highest mean validation loc_acc
-    scores: dict[float, float]  # candidate -> loc_acc averaged over the canvas sizes
-    rows: list[dict[str, Any]]  # the validation `localize` rows at the chosen threshold
+    threshold: float  # the chosen fraction of the map's maximum
+    region: str  # the chosen region rule ("largest" or "all")
+    scores: dict[tuple[str, float], float]  # (region, threshold) -> loc_acc, mean over sizes
+    rows: list[dict[str, Any]]  # the validation `localize` rows of the chosen rule
 
 
 def choose_threshold(
@@ -647,52 +663,60 @@ def choose_threshold(
     sizes: int | Sequence[int] = CANVAS_SIZES,
     candidates: Sequence[float] = THRESHOLDS,
     *,
+    regions: Sequence[str] = REGIONS,
     n: int | None = 1000,
     distractors: int = 0,
     seed: int = 0,
     batch_size: int = 256,
     source: str = "mnist-5k",
 ) -> ThresholdChoice:
-    """The `cam_boxes` threshold with the best mean loc_acc on a VALIDATION set, never the test.
+    """The `cam_boxes` rule (threshold and region) with the best mean loc_acc on a VALIDATION
+    set, never the test set.
 
     The validation canvases are built from the TRAINING digits (``canvas_mnist(...,
     split="train")``) at new random places, so the test digits stay unseen until `localize`.
-    Each canvas's CAM is computed once and boxed at every candidate. Ties go to the earlier
-    candidate.
+    Each canvas's CAM is computed once and boxed by every rule. Ties go to the earlier region,
+    then the earlier threshold.
 
     Args:
         model: a `GapNet` with a global-pooling head and 1 input channel.
         sizes: canvas sides S.
         candidates: thresholds to try, each in [0, 1].
+        regions: region rules to try (`REGIONS`); ``("largest",)`` keeps the CAM paper's rule.
         n: training digits per size (a fixed stratified subset); None: all of them.
         distractors, seed, batch_size, source: as `localize`.
 
     Returns:
-        a `ThresholdChoice`: the threshold, each candidate's mean loc_acc, and the validation
-        rows at the chosen threshold.
+        a `ThresholdChoice`: the threshold and region, each rule's mean loc_acc, and the
+        validation rows of the chosen rule.
 
     Example:
         >>> from gapnet.models import create
         >>> choice = choose_threshold(create("convnet-tiny"), 28, (0.2, 0.5), n=10, source="digits")
-        >>> choice.threshold in (0.2, 0.5), sorted(choice.scores)
-        (True, [0.2, 0.5])
+        >>> choice.threshold in (0.2, 0.5), choice.region in REGIONS, len(choice.scores)
+        (True, True, 4)
     """
     _check_cam_model(model)
-    ts = tuple(float(t) for t in candidates)
-    if not ts:
-        raise ValueError("choose_threshold: candidates must name at least one threshold, got ()")
-    for t in ts:
-        cam_boxes(torch.zeros(1, 1, 1), t)  # validates each candidate before any work
+    rules = tuple((r, float(t)) for r in regions for t in candidates)
+    if not rules:
+        raise ValueError(
+            "choose_threshold: candidates and regions must each name at least one, "
+            f"got {tuple(candidates)} and {tuple(regions)}"
+        )
+    for region, t in rules:
+        cam_boxes(torch.zeros(1, 1, 1), t, region)  # validates each rule before any work
     batch = _check_batch_size(batch_size)
     per_size = [
         _score(
-            model, s, ts, n=n, distractors=distractors, seed=seed, batch_size=batch,
+            model, s, rules, n=n, distractors=distractors, seed=seed, batch_size=batch,
             split="train", source=source,
         )
         for s in _check_sizes(sizes)
-    ]  # fmt: skip  # [size][threshold] -> row
+    ]  # fmt: skip  # [size][rule] -> row
     scores = {
-        t: sum(rows[i]["loc_acc"] for rows in per_size) / len(per_size) for i, t in enumerate(ts)
+        rule: sum(rows[i]["loc_acc"] for rows in per_size) / len(per_size)
+        for i, rule in enumerate(rules)
     }
-    best = max(range(len(ts)), key=lambda i: (scores[ts[i]], -i))
-    return ThresholdChoice(ts[best], scores, [rows[best] for rows in per_size])
+    best = max(range(len(rules)), key=lambda i: (scores[rules[i]], -i))
+    region, threshold = rules[best]
+    return ThresholdChoice(threshold, region, scores, [rows[best] for rows in per_size])

@@ -402,6 +402,18 @@ def _require_cam_model(model: Any) -> None:
         )
 
 
+def _add_region(p: Any, default_text: str, default: str | None = None) -> None:
+    from gapnet.cam import REGIONS
+
+    p.add_argument(
+        "--region",
+        choices=REGIONS,
+        default=default,
+        help="what the CAM box surrounds: the largest connected region above the threshold "
+        f"(the CAM paper's rule) or all of it ({default_text})",
+    )
+
+
 def cmd_cam(a: argparse.Namespace) -> int:
     """`gapnet cam`: one CAM overlay PNG per image and class, with the box it gives."""
     import torch
@@ -429,7 +441,7 @@ def cmd_cam(a: argparse.Namespace) -> int:
         classes = list(a.classes) if a.classes else [pred]
         batch = x[None].expand(len(classes), *x.shape)
         res = cam.class_activation_maps(model, batch, torch.tensor(classes))
-        boxes = cam.cam_boxes(res.maps, a.threshold)
+        boxes = cam.cam_boxes(res.maps, a.threshold, a.region)
         stem = Path(path).stem
         if stem in used:
             stem = f"{stem}-{len(used)}"
@@ -458,30 +470,40 @@ def cmd_localize(a: argparse.Namespace) -> int:
     source = a.data or cfg.data
     if a.choose_threshold:
         n = {} if a.n is None else {"n": a.n}  # None: choose_threshold's own validation size
-        threshold = cam.choose_threshold(
-            model, a.sizes, distractors=a.distractors, seed=a.seed, source=source, **n
-        ).threshold
+        regions = cam.REGIONS if a.region is None else (a.region,)
+        choice = cam.choose_threshold(
+            model, a.sizes, regions=regions, distractors=a.distractors, seed=a.seed,
+            source=source, **n,
+        )  # fmt: skip
+        threshold, region = choice.threshold, choice.region
         how = "chosen on the validation split"
     else:
         how = "given" if a.threshold_given else "default"
-        threshold = a.threshold
+        threshold, region = a.threshold, a.region or "largest"
     rows = [
         report.localization_row(r)
         for r in cam.localize(
-            model, a.sizes, n=a.n, distractors=a.distractors, threshold=threshold, seed=a.seed,
-            source=source,
+            model, a.sizes, n=a.n, distractors=a.distractors, threshold=threshold, region=region,
+            seed=a.seed, source=source,
         )
     ]  # fmt: skip
     if a.json:
         print(
             json.dumps(
-                {"data": source, "threshold": threshold, "threshold_source": how, "rows": rows}
+                {
+                    "data": source,
+                    "threshold": threshold,
+                    "region": region,
+                    "threshold_source": how,
+                    "rows": rows,
+                }
             )
         )
         return 0
     print(
         f"{source} test digits on blank canvases, {rows[0]['n'] if rows else 0} per size, "
-        f"{a.distractors} distractors each; CAM box threshold {threshold:.2f} ({how})"
+        f"{a.distractors} distractors each; CAM box threshold {threshold:.2f}, region "
+        f"{region} ({how})"
     )
     header = ["canvas", "accuracy", "box loc acc (IoU>=0.5)", "top-1 loc", "mean IoU"]
     table = [
@@ -538,7 +560,7 @@ def _spec_changes(a: argparse.Namespace) -> dict[str, Any]:
         "threads": a.threads, "train_sizes": a.train_sizes, "sweep_heads": a.sweep_heads,
         "sweep_steps": a.sweep_steps, "sizes": a.sizes, "canvases": a.canvases,
         "eval_n": a.eval_n, "cam": a.cam, "loc_n": a.loc_n, "distractors": a.distractors,
-        "threshold": a.threshold, "cam_examples": a.cam_examples,
+        "threshold": a.threshold, "region": a.region, "cam_examples": a.cam_examples,
     }  # fmt: skip
     changes = {k: v for k, v in mapping.items() if v is not None}
     if a.robust is not None:
@@ -832,6 +854,7 @@ def _add_compare_args(p: argparse.ArgumentParser) -> None:
         metavar="T",
         help="CAM box threshold (default: chosen on the validation split)",
     )
+    _add_region(g, "default: chosen on the validation split with the threshold")
     g = p.add_argument_group("run")
     g.add_argument(
         "--out", default="runs/compare", metavar="DIR", help="report folder (default runs/compare)"
@@ -1035,6 +1058,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="T",
         help="box threshold on the normalised CAM (default 0.2)",
     )
+    _add_region(p, "default largest", default="largest")
     p.add_argument(
         "--alpha",
         type=_fraction,
@@ -1047,9 +1071,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(
         sub, "localize", "how well CAM boxes find digits on canvases",
         """Place held-out digits at random on blank canvases of each size, and report per
-        size: classification accuracy, box localization accuracy (the CAM box of the true
-        class has IoU >= 0.5 with the digit's true box) and top-1 localization (right class
-        and IoU >= 0.5). The model never saw a box: this is localization for free.""",
+        size: classification accuracy, box localization accuracy (the CAM box of the
+        predicted class has IoU >= 0.5 with the digit's true box) and top-1 localization
+        (right class and IoU >= 0.5). The model never saw a box: this is localization for free.""",
         ["gapnet localize --checkpoint runs/gap-canvas --sizes 28,56,112 --choose-threshold"],
     )  # fmt: skip
     _add_checkpoint(p)
@@ -1074,8 +1098,10 @@ def build_parser() -> argparse.ArgumentParser:
     thr.add_argument(
         "--choose-threshold",
         action="store_true",
-        help="choose the threshold on the validation split",
+        help="choose the threshold (and, without --region, the region rule) on the "
+        "validation split",
     )
+    _add_region(p, "default: largest, or chosen with --choose-threshold")
     p.add_argument("--seed", type=_nonneg, default=0, help="placement seed (default 0)")
     p.add_argument("--threads", type=_nonneg, metavar="N", help="torch threads")
     p.add_argument("--json", action="store_true", help="print one JSON object")

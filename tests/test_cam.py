@@ -389,6 +389,27 @@ def test_cam_boxes_match_bfs(h, w, n, levels, threshold, seed):
     maps = rng.integers(0, levels, size=(n, h, w)).astype(np.float32) / (levels - 1)
     got = C.cam_boxes(torch.from_numpy(maps), threshold).tolist()
     assert got == [reference_largest_box(m, threshold) for m in maps]
+    every = C.cam_boxes(torch.from_numpy(maps), threshold, "all").tolist()
+    assert every == [reference_all_box(m, threshold) for m in maps]
+
+
+def reference_all_box(m: np.ndarray, threshold: float) -> list[int]:
+    """The box around every pixel >= threshold * max; the full map where none passes."""
+    ys, xs = np.nonzero(m >= threshold * m.max())
+    if len(ys) == 0:
+        return [0, 0, m.shape[1], m.shape[0]]
+    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+def test_cam_boxes_all_keeps_a_split_digit():
+    """A map that splits into two blobs (a 2's top and base): "largest" boxes one, "all" both."""
+    m = torch.zeros(20, 20)
+    m[2:6, 4:12] = 1.0  # the top, 32 pixels
+    m[12:18, 3:14] = 0.8  # the base, 66 pixels
+    assert C.cam_boxes(m, 0.5).tolist() == [3, 12, 14, 18]
+    assert C.cam_boxes(m, 0.5, "all").tolist() == [3, 2, 14, 18]
+    with pytest.raises(ValueError, match="region must be one of largest, all, got 'any'"):
+        C.cam_boxes(m, 0.5, "any")
 
 
 def test_label_components_is_the_smallest_index():
@@ -586,20 +607,31 @@ def test_choose_threshold_uses_training_digits(monkeypatch):
     choice = C.choose_threshold(ink_model(), (28, 40), (0.2, 0.5, 0.7), n=30, source="digits")
     assert [size for size, _ in calls] == [28, 40]
     assert all(kw["split"] == "train" for _, kw in calls)  # never the test set
-    assert choice.threshold in (0.2, 0.5, 0.7)
-    assert sorted(choice.scores) == [0.2, 0.5, 0.7]
-    assert choice.scores[choice.threshold] == max(choice.scores.values())
+    assert choice.threshold in (0.2, 0.5, 0.7) and choice.region in C.REGIONS
+    assert sorted(choice.scores) == [(r, t) for r in ("all", "largest") for t in (0.2, 0.5, 0.7)]
+    chosen = (choice.region, choice.threshold)
+    assert choice.scores[chosen] == max(choice.scores.values())
     assert [r["size"] for r in choice.rows] == [28, 40]
     mean = sum(r["loc_acc"] for r in choice.rows) / 2
-    assert mean == pytest.approx(choice.scores[choice.threshold])
+    assert mean == pytest.approx(choice.scores[chosen])
+    paper = C.choose_threshold(ink_model(), 28, (0.2, 0.5), regions=("largest",), n=10,
+                               source="digits")  # fmt: skip
+    assert paper.region == "largest" and sorted(paper.scores) == [
+        ("largest", 0.2),
+        ("largest", 0.5),
+    ]
     calls.clear()
     C.localize(ink_model(), 28, n=5, source="digits")
     assert calls[0][1]["split"] == "test"  # localize stays on held-out digits
 
 
 def test_choose_threshold_errors():
-    with pytest.raises(ValueError, match="at least one threshold"):
+    with pytest.raises(ValueError, match="must each name at least one"):
         C.choose_threshold(tiny("gap"), 28, (), source="digits")
+    with pytest.raises(ValueError, match="must each name at least one"):
+        C.choose_threshold(tiny("gap"), 28, regions=(), source="digits")
+    with pytest.raises(ValueError, match="region must be one of"):
+        C.choose_threshold(tiny("gap"), 28, regions=("biggest",), source="digits")
     with pytest.raises(ValueError, match="threshold must be in"):
         C.choose_threshold(tiny("gap"), 28, (0.2, 1.2), source="digits")
 

@@ -256,13 +256,18 @@ def test_cam_predicted_class_by_default_and_fc_refused(runs, digit_png, tmp_path
 def test_localize_runs_on_a_few_canvases(runs, capsys):
     argv = ["localize", "-c", runs["gap"], "--sizes", "28,40", "--n", 20, "--threshold", 0.3]
     code, out, _ = run(capsys, *argv)
-    assert code == 0 and "threshold 0.30 (given)" in out
+    assert code == 0 and "threshold 0.30, region largest (given)" in out
     assert [line.split()[0] for line in out.splitlines()[3:]] == ["28x28", "40x40"]
     code, out, _ = run(capsys, *argv[:-2], "--choose-threshold", "--json")
     got = json.loads(out)
     assert code == 0 and got["threshold_source"] == "chosen on the validation split"
+    assert got["region"] in ("largest", "all")
     assert [r["size"] for r in got["rows"]] == [28, 40]
     assert all(0 <= r["loc_acc"] <= 1 and r["n"] == 20 for r in got["rows"])
+    code, out, _ = run(capsys, *argv, "--region", "all", "--json")
+    assert code == 0 and json.loads(out)["region"] == "all"
+    code, _, err = run(capsys, *argv, "--region", "biggest")
+    assert code == 2 and "--region" in err
 
 
 # ----------------------------------------------------------------------------- compare / demo

@@ -250,7 +250,10 @@ def test_markdown_states_the_measured_numbers(rendered):
     assert "gap overfits less than fc at 2 of 2 training-set sizes" in md
     # CAM
     assert "| 112x112 | 91.8% | 64.5% | 61.2% | 0.51 |" in md
-    assert "at 0.30 (chosen on the validation split)" in md
+    assert (
+        "Boxing the largest connected region (the CAM paper's rule) of the CAM of its predicted "
+        "class above 0.30 of its maximum (chosen on the validation split)" in md
+    )
     assert "![true 3, predicted 3 (97%), IoU 0.81](cam/canvas56-0.png)" in md
 
 
