@@ -12,8 +12,6 @@ CPU. Appends its table to ``benchmarks/RESULTS.md`` unless ``--no-save``.
 from __future__ import annotations
 
 import argparse
-import datetime
-import shlex
 import sys
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_ops import RESULTS, cpu_times, environment, gpu_time
+from bench_ops import cpu_times, environment, gpu_time, publish
 
 from gapnet.cam import class_activation_maps
 from gapnet.models import create
@@ -67,16 +65,8 @@ def main() -> None:
     table += [
         f"| {m} | {s} | {f * 1e3:.2f} | {c * 1e3:.2f} | {c / f:.2f}x |" for m, s, f, c in rows
     ]
-    title = f"## CAM cost ({args.device}): {environment(args.device, None)}"
-    if args.device == "cuda":
-        title = f"## CAM cost (cuda): {torch.cuda.get_device_name()}; {datetime.date.today()}"
-    command = f"`{shlex.join(['python', 'benchmarks/bench_cam.py', *sys.argv[1:]])}`"
-    text = "\n\n".join([title, command, "\n".join(table)]) + "\n"
-    print()
-    print(text)
-    if not args.no_save:
-        with RESULTS.open("a") as f:
-            f.write("\n" + text)
+    title = f"CAM cost ({args.device}): {environment(args.device, None)}"
+    publish(title, ["\n".join(table)], save=not args.no_save)
 
 
 if __name__ == "__main__":

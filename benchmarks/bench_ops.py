@@ -300,7 +300,7 @@ def environment(device: str, bandwidth: float | None) -> str:
 
         name = torch.cuda.get_device_name()
         versions = f"torch {torch.__version__}, triton {triton.__version__}"
-        extra = f", copy bandwidth {bandwidth / 1e12:.2f} TB/s"
+        extra = f", copy bandwidth {bandwidth / 1e12:.2f} TB/s" if bandwidth else ""
     else:
         from gapnet.report import machine_info
 
@@ -344,12 +344,18 @@ def main() -> None:
                     f"peak memory, max pool fwd+bwd, {r['label']} {r['dtype']} {r['layout']}: "
                     f"gapnet {r['gapnet peak MiB']:.0f} MiB, eager {r['eager peak MiB']:.0f} MiB"
                 )
-    title = f"## {device.upper()} pooling ops: {environment(device, bandwidth)}"
-    command = f"`{shlex.join(['python', 'benchmarks/bench_ops.py', *sys.argv[1:]])}`"
-    text = "\n\n".join([title, command, format_table(rows, device), *notes]) + "\n"
+    title = f"{device.upper()} pooling ops: {environment(device, bandwidth)}"
+    publish(title, [format_table(rows, device), *notes], save=not args.no_save)
+
+
+def publish(title: str, blocks: list[str], save: bool) -> None:
+    """Print a result section (title, the command that made it, blocks) last; with `save`,
+    append it to RESULTS.md."""
+    command = f"`{shlex.join(['python', os.path.relpath(sys.argv[0]), *sys.argv[1:]])}`"
+    text = "\n\n".join([f"## {title}", command, *blocks]) + "\n"
     print()
     print(text)
-    if not args.no_save:
+    if save:
         with RESULTS.open("a") as f:
             f.write("\n" + text)
 
