@@ -191,8 +191,10 @@ def window2d(
     Resolved windows are cached (a model calls the same pool with the same arguments every
     step, and resolving them in Python costs more than a small pool itself).
     """
-    args = (op, (int(in_size[0]), int(in_size[1])), kernel_size, stride, padding, dilation)
-    if all(_plain(a) for a in args[2:]) and type(ceil_mode) is bool:
+    # only plain ints key the cache: under torch.compile with dynamic shapes H and W are
+    # SymInts, and int() would specialise the graph to one size
+    args = (op, tuple(in_size), kernel_size, stride, padding, dilation)
+    if all(_plain(a) for a in args[1:]) and type(ceil_mode) is bool:
         return _cached_window2d(*args, ceil_mode)
     return _resolve_window2d(op, in_size, kernel_size, stride, padding, dilation, ceil_mode)
 
