@@ -8,6 +8,7 @@ last window) is written once and every backend agrees on it.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -177,6 +178,12 @@ def _plain(value: object) -> bool:
     return type(value) is tuple and all(type(v) is int for v in value)
 
 
+def _compiling() -> bool:
+    """Whether torch.compile is tracing this call (torch is looked up, never imported here)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and bool(torch.compiler.is_compiling())
+
+
 def window2d(
     op: str,
     in_size: Sequence[int],
@@ -191,10 +198,10 @@ def window2d(
     Resolved windows are cached (a model calls the same pool with the same arguments every
     step, and resolving them in Python costs more than a small pool itself).
     """
-    # only plain ints key the cache: under torch.compile with dynamic shapes H and W are
-    # SymInts, and int() would specialise the graph to one size
+    # Only plain ints key the cache (under torch.compile with dynamic shapes H and W are
+    # SymInts), and a compile traces the resolution itself: Dynamo warns on lru_cache wrappers.
     args = (op, tuple(in_size), kernel_size, stride, padding, dilation)
-    if all(_plain(a) for a in args[1:]) and type(ceil_mode) is bool:
+    if all(_plain(a) for a in args[1:]) and type(ceil_mode) is bool and not _compiling():
         return _cached_window2d(*args, ceil_mode)
     return _resolve_window2d(op, in_size, kernel_size, stride, padding, dilation, ceil_mode)
 

@@ -264,7 +264,8 @@ def _boxes_of(mask: Tensor) -> Tensor:
 
 
 def cam_boxes(maps: Any, threshold: float = 0.2, region: str = "largest") -> Tensor:
-    """One box per map: around the largest 4-connected region of pixels >= threshold * max(map).
+    """One box per map around its pixels >= threshold * max(map): the largest 4-connected
+    region of them, or (``region="all"``) all of them.
 
     The CAM paper's rule (Zhou et al. 2016, 20% of the maximum). Ties between regions of equal
     size go to the one whose first pixel comes first in raster order. ``region="all"`` boxes
@@ -697,7 +698,15 @@ def choose_threshold(
         (True, True, 4)
     """
     _check_cam_model(model)
-    rules = tuple((r, float(t)) for r in regions for t in candidates)
+    if isinstance(regions, str):
+        raise TypeError(f"choose_threshold: regions must be a sequence of names, got {regions!r}")
+    bad = [r for r in regions if r not in REGIONS]
+    if bad:
+        raise ValueError(
+            f"choose_threshold: regions must be among {', '.join(REGIONS)}, got {bad[0]!r}"
+        )
+    thresholds = tuple(float(t) for t in candidates)  # once: `candidates` may be an iterator
+    rules = tuple((r, t) for r in regions for t in thresholds)
     if not rules:
         raise ValueError(
             "choose_threshold: candidates and regions must each name at least one, "

@@ -565,6 +565,8 @@ def _spec_changes(a: argparse.Namespace) -> dict[str, Any]:
     changes = {k: v for k, v in mapping.items() if v is not None}
     if a.robust is not None:
         changes["robust"] = DEMO.spec.robust if a.robust else None
+        if a.robust:
+            changes["robust_head"] = DEMO.spec.robust_head
     return changes
 
 
@@ -776,7 +778,8 @@ def _add_compare_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--robust",
         action=argparse.BooleanOptionalAction,
-        help=f"also train the robust GAP variant ({DEMO.spec.robust}) (default: no)",
+        help=f"also train the demo's size-robust variant ({DEMO.spec.robust_head} head, "
+        f"{DEMO.spec.robust}) (default: no)",
     )
     g = p.add_argument_group("training (every run)")
     g.add_argument("--epochs", type=_positive, help=f"(default {d.epochs})")
@@ -982,7 +985,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(
         sub, "demo", "the whole GAP-vs-FC comparison on mnist-5k with the demo settings",
         """Run `gapnet compare` with the demo settings (gapnet.report.DEMO): several heads on
-        mnist-5k, the robust GAP variant trained on random canvases, a sweep over smaller
+        mnist-5k, a size-robust GeM variant trained on random canvases, a sweep over smaller
         training sets and the CAM section, then write the report to runs/demo. Under five
         minutes on 2 CPU cores; --quick takes about one.""",
         ["gapnet demo --quick", "gapnet demo --out runs/demo && open runs/demo/report.html"],

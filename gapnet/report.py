@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+_REGIONS = ("largest", "all")  # gapnet.cam.REGIONS, repeated so a spec loads without torch
+_SWEEP_OWNS = ("head", "train_size", "epochs", "out_dir")  # what each sweep run sets itself
 RESULTS_FORMAT = "gapnet.results/1"  # the "format" tag of results.json
 RESULTS_JSON = "results.json"
 REPORT_MD = "report.md"
@@ -126,6 +128,17 @@ class CompareSpec:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"CompareSpec.{name} must be an int >= 1 or None, got {v!r}")
+        owned = sorted(set(self.sweep_train) & set(_SWEEP_OWNS))
+        if owned:
+            raise ValueError(
+                f"CompareSpec.sweep_train cannot set {', '.join(owned)}: each sweep run sets "
+                "them itself (use train_sizes, sweep_heads, sweep_steps)"
+            )
+        if self.region is not None and self.region not in _REGIONS:
+            raise ValueError(
+                f"CompareSpec.region must be one of {', '.join(_REGIONS)} or None, "
+                f"got {self.region!r}"
+            )
 
     @property
     def sweep(self) -> tuple[str, ...]:
@@ -384,11 +397,13 @@ def _run_entry(
 
 def _recipe(overrides: dict[str, Any]) -> str:
     """A short human description of TrainConfig overrides, e.g. "random canvases 28-56 px"."""
+    from gapnet.train import TrainConfig
+
     parts = []
     rest = dict(overrides)
     augmentation = rest.pop("augmentation", None)
-    shift = rest.pop("shift", 1)
-    canvas = rest.pop("canvas_size", (28, 56))
+    shift = rest.pop("shift", TrainConfig.shift)
+    canvas = rest.pop("canvas_size", TrainConfig.canvas_size)
     if augmentation == "canvas":
         parts.append(f"random canvases {canvas[0]}-{canvas[1]} px")
     elif augmentation == "shift":
@@ -514,7 +529,8 @@ def _model_label(spec: CompareSpec) -> str:
 
 
 def _cam_model(runs: list[dict[str, Any]]) -> str | None:
-    """The run the CAM section shows: the robust GAP, else plain gap, else a CAM-capable head."""
+    """The run the CAM section shows: the robust variant, else plain gap, else a CAM-capable
+    head."""
     from gapnet import models
 
     by_name = {r["name"]: r for r in runs}

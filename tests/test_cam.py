@@ -630,8 +630,12 @@ def test_choose_threshold_errors():
         C.choose_threshold(tiny("gap"), 28, (), source="digits")
     with pytest.raises(ValueError, match="must each name at least one"):
         C.choose_threshold(tiny("gap"), 28, regions=(), source="digits")
-    with pytest.raises(ValueError, match="region must be one of"):
+    with pytest.raises(ValueError, match="regions must be among largest, all, got 'biggest'"):
         C.choose_threshold(tiny("gap"), 28, regions=("biggest",), source="digits")
+    with pytest.raises(TypeError, match="regions must be a sequence of names, got 'all'"):
+        C.choose_threshold(tiny("gap"), 28, regions="all", source="digits")
+    gen = C.choose_threshold(tiny("gap"), 28, iter([0.2, 0.5]), n=4, source="digits")
+    assert len(gen.scores) == 4  # an iterator of thresholds serves every region
     with pytest.raises(ValueError, match="threshold must be in"):
         C.choose_threshold(tiny("gap"), 28, (0.2, 1.2), source="digits")
 

@@ -289,10 +289,11 @@ def test_compare_writes_the_report_with_every_section(tmp_path, capsys):
     md = (out_dir / "report.md").read_text()
     for section in ("## Heads", "## Any input size", "## Overfitting", "## Localization"):
         assert section in md
-    assert "n/a (fixed 28x28 input)" in md and "gap-robust" in md
+    robust = f"{report.DEMO.spec.robust_head}-robust"  # --robust: the demo's robust variant
+    assert "n/a (fixed 28x28 input)" in md and robust in md
     results = json.loads((out_dir / "results.json").read_text())
     assert results["command"].startswith("gapnet compare --model convnet-tiny")
-    assert [r["name"] for r in results["runs"]] == ["fc", "gap", "gap-robust"]
+    assert [r["name"] for r in results["runs"]] == ["fc", "gap", robust]
     assert "http" not in (out_dir / "report.html").read_text()
     assert "== Heads: parameters, accuracy, overfitting ==" in out and "report.html" in out
 

@@ -806,6 +806,7 @@ def test_cached_windows_tell_bools_from_ints() -> None:
     GF.max_pool2d(x, 1)
     with pytest.raises(TypeError, match="kernel_size must be an int or a pair of ints"):
         GF.max_pool2d(x, True)
+    GF.max_pool2d(x, 1, (1, 1))
     with pytest.raises(TypeError, match="stride must be an int or a pair of ints"):
         GF.max_pool2d(x, 1, (True, 1))
 

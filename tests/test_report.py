@@ -403,6 +403,22 @@ TINY = dict(
 )
 
 
+def test_spec_rejects_a_bad_region_and_sweep_overrides_it_owns():
+    with pytest.raises(ValueError, match="region must be one of largest, all"):
+        CompareSpec(region="biggest")
+    with pytest.raises(ValueError, match="sweep_train cannot set epochs, head"):
+        CompareSpec(sweep_train={"head": "gap", "epochs": 3, "lr": 0.1})
+    assert CompareSpec(region="all", sweep_train={"lr": 0.1}).region == "all"
+
+
+def test_recipe_names_trainconfig_defaults():
+    assert report._recipe({"augmentation": "shift"}) == "random shifts of up to 2 px"
+    assert report._recipe({"augmentation": "canvas"}) == "random canvases 28-56 px"
+    assert report._recipe({"augmentation": "none", "label_smoothing": 0.0, "lr": 0.1}) == (
+        "no augmentation, label smoothing 0, lr=0.1"
+    )
+
+
 def test_run_compare_fills_the_results_and_reuse_skips_training(tmp_path):
     spec = CompareSpec(**TINY)
     notes: list[str] = []
@@ -424,7 +440,7 @@ def test_run_compare_fills_the_results_and_reuse_skips_training(tmp_path):
     assert (sweep_cfg["augmentation"], sweep_cfg["label_smoothing"]) == ("none", 0.0)
     assert any("overfitting sweep, no augmentation, label smoothing 0" in n for n in notes)
     md = report.to_markdown(report.report_blocks(results))
-    assert "random shifts of up to 1 px, label smoothing 0.1." in md
+    assert "random shifts of up to 2 px, label smoothing 0.1." in md  # TrainConfig's shift
     assert "These runs train with no augmentation, label smoothing 0" in md
     json.dumps(results)  # JSON-ready as it is
 

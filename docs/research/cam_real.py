@@ -7,7 +7,7 @@ sizes = (28, 40, 56, 84, 112)
 for run in sys.argv[2:]:
     model, cfg, _ = load_checkpoint(run)
     choice = cam.choose_threshold(model, sizes, n=300)
-    rows = cam.localize(model, sizes, n=300, threshold=choice.threshold)
+    rows = cam.localize(model, sizes, n=300, threshold=choice.threshold, region=choice.region)
     print(json.dumps({"run": run, "threshold": choice.threshold,
                       "val_scores": {str(k): round(v, 3) for k, v in choice.scores.items()},
                       "rows": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k != "seconds"} for r in rows]}), flush=True)
