@@ -281,12 +281,16 @@ def _torch_global_pool(x4: Tensor, kind: str, p: float | Tensor, eps: float) -> 
     """(N, C, H, W) -> (N, C) or (N, 2C) with PyTorch ops; max gradients go to the first max."""
     if kind == "gem":  # in float32: x^p overflows float16 from x = 40 on (p = 3)
         x_acc = x4.to(_acc_dtype(x4)).clamp(min=eps)
-        needs_grad = torch.is_grad_enabled() and (
-            x4.requires_grad or (isinstance(p, Tensor) and p.requires_grad)
-        )
         # Without autograd the clamped copy is ours: powering it in place saves an allocation
-        # of the input's size: 1.4-2.4x faster on CPU (benchmarks/RESULTS.md).
-        powered = x_acc.pow(p) if needs_grad else x_acc.pow_(p)
+        # of the input's size: 1.4-2.4x faster on CPU (benchmarks/RESULTS.md). Not when a
+        # tensor p of another dtype would promote the result (in place cannot).
+        if isinstance(p, Tensor):
+            p_grad, p_same_dtype = p.requires_grad, p.dtype == x_acc.dtype
+        else:
+            p_grad, p_same_dtype = False, True
+        needs_grad = torch.is_grad_enabled() and (x4.requires_grad or p_grad)
+        in_place = not needs_grad and p_same_dtype
+        powered = x_acc.pow_(p) if in_place else x_acc.pow(p)
         return powered.mean((2, 3)).pow(1.0 / p).to(x4.dtype)
     avg = x4.mean((2, 3)) if kind != "max" else None
     # adaptive_max_pool2d, unlike amax, sends a window's whole gradient to one element
