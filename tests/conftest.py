@@ -1,7 +1,11 @@
-"""Test set-up: Triton kernels run on the CPU interpreter when no GPU is present."""
+"""Test set-up: Triton kernels run on the CPU interpreter when no GPU is present; fixtures
+shared by the test modules."""
 
 import os
+import zlib
+from collections.abc import Iterator
 
+import numpy as np
 import pytest
 
 # Must be set before Triton is first imported: without a GPU, every kernel runs interpreted
@@ -14,6 +18,28 @@ except ImportError:  # pragma: no cover - torch is a hard dependency
     _HAS_CUDA = False
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for a module of tiny tensors, where PyTorch's thread pool costs far
+    more than it saves (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def test_id_seed(request: pytest.FixtureRequest) -> int:
+    """A seed from the test's id: fresh inputs per test, the same on every run."""
+    return zlib.crc32(request.node.nodeid.encode())
+
+
+@pytest.fixture
+def rng(test_id_seed: int) -> np.random.Generator:
+    """A NumPy generator seeded by the test's id."""
+    return np.random.default_rng(test_id_seed)
 
 
 def pytest_collection_modifyitems(config, items):

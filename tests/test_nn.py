@@ -5,8 +5,7 @@ state_dicts."""
 from __future__ import annotations
 
 import copy
-import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -37,19 +36,13 @@ SHAPES = {  # an input of each layout: N = 2, C = 3, H = 7, W = 6
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """On these tiny tensors PyTorch's thread pool costs far more than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors (conftest.py)
 
 
 @pytest.fixture
-def gen(request: pytest.FixtureRequest) -> torch.Generator:
-    """A generator seeded by the test's id: fresh inputs per test, the same on every run."""
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+def gen(test_id_seed: int) -> torch.Generator:
+    """A torch generator seeded by the test's id (see conftest.py)."""
+    return torch.Generator().manual_seed(test_id_seed)
 
 
 def randn(gen: torch.Generator, *shape: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:

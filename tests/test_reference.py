@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import ast
 import math
-import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +22,7 @@ LAYOUTS = ("NCHW", "NHWC", "CHW", "HWC")
 KINDS = ("avg", "max", "avgmax", "catavgmax", "gem")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """On these tiny tensors PyTorch's thread pool costs far more than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def rng(request: pytest.FixtureRequest) -> np.random.Generator:
-    """A generator seeded by the test's id: fresh inputs per test, the same on every run."""
-    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors (conftest.py)
 
 
 # ----------------------------------------------------------------------------- layouts
