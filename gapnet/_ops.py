@@ -24,9 +24,7 @@ import torch
 from torch import Tensor
 
 from gapnet._shapes import Window2d
-
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
+from gapnet.kernels import KERNEL_DTYPES
 
 # A reason that starts with this only keeps backend="auto" off the kernels; "triton" runs anyway.
 AUTO_ONLY = "auto:"
@@ -63,10 +61,6 @@ def _window_kernels() -> Any:
 
 def _none_if_empty(t: Tensor) -> Tensor | None:
     return None if t.numel() == 0 and t.dim() == 1 else t
-
-
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
 
 
 # ----------------------------------------------------------------------------- window geometry
@@ -169,7 +163,7 @@ _global_pool_op.register_autograd(_global_backward, setup_context=_global_setup)
 def global_pool2d(x: Tensor, kind: str, p: float | Tensor, eps: float) -> Tensor:
     """(N, C, H, W) -> (N, C), or (N, 2C) for catavgmax, on the kernels."""
     p_t = _gem_p(p, x) if kind == "gem" else None
-    if _compiling():
+    if torch.compiler.is_compiling():
         need = torch.is_grad_enabled() and (
             x.requires_grad or (p_t is not None and p_t.requires_grad)
         )
@@ -255,7 +249,7 @@ _max_pool_op.register_autograd(_max_backward, setup_context=_max_setup)
 
 def max_pool2d(x: Tensor, win: Window2d, return_indices: bool) -> tuple[Tensor, Tensor | None]:
     """Max pool of an NCHW-logical tensor on the kernels: (y, int64 indices or None)."""
-    if _compiling():
+    if torch.compiler.is_compiling():
         need = torch.is_grad_enabled() and x.requires_grad
         y, _, indices = _max_pool_op(x, _geom(win), need, return_indices)
         return y, (indices if return_indices else None)
@@ -323,7 +317,7 @@ def avg_pool2d(
     x: Tensor, win: Window2d, count_include_pad: bool, divisor_override: int | None
 ) -> Tensor:
     """Average pool of an NCHW-logical tensor on the kernels."""
-    if _compiling():
+    if torch.compiler.is_compiling():
         return _avg_pool_op(x, _geom(win), count_include_pad, divisor_override)
     return _AvgPool.apply(x, win, count_include_pad, divisor_override)
 
@@ -422,7 +416,7 @@ def gap_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, return_maps: bool
 ) -> tuple[Tensor, Tensor | None]:
     """GAP + linear head on the kernels: (logits, class maps or None)."""
-    if _compiling():
+    if torch.compiler.is_compiling():
         logits, _, maps = _gap_linear_op(x, weight, bias, return_maps)
         return logits, (maps if return_maps else None)
     return _GapLinear.apply(x, weight, bias, return_maps)

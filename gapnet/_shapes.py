@@ -286,8 +286,7 @@ def adaptive_output_size(
         if size < 1:
             raise ValueError(f"{op}: output_size must be >= 1, got {output_size!r}")
         resolved.append(size)
-    if min(in_size) < 1:
-        raise ValueError(f"{op}: input H and W must be >= 1, got {in_size[0]}x{in_size[1]}")
+    check_global_input((in_size[0], in_size[1]), op)
     return resolved[0], resolved[1]
 
 

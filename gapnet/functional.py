@@ -89,11 +89,6 @@ def _from_nchw(y: Tensor, lay: Layout) -> Tensor:
     return y if lay.batched else y.squeeze(0)
 
 
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    """Sums of float16/bfloat16/float32 are taken in float32, of float64 in float64."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _fits_torch_padding(win: Window2d) -> bool:
     """Whether PyTorch's symmetric-padding pool can express this window directly."""
     return win.pad_before == win.pad_after and all(
@@ -280,7 +275,7 @@ def adaptive_max_pool2d(
 def _torch_global_pool(x4: Tensor, kind: str, p: float | Tensor, eps: float) -> Tensor:
     """(N, C, H, W) -> (N, C) or (N, 2C) with PyTorch ops; max gradients go to the first max."""
     if kind == "gem":  # in float32: x^p overflows float16 from x = 40 on (p = 3)
-        x_acc = x4.to(_acc_dtype(x4)).clamp(min=eps)
+        x_acc = x4.to(_strided._acc_dtype(x4.dtype)).clamp(min=eps)
         # Without autograd the clamped copy is ours: powering it in place saves an allocation
         # of the input's size: 1.4-2.4x faster on CPU (benchmarks/RESULTS.md). Not when a
         # tensor p of another dtype would promote the result (in place cannot).

@@ -17,7 +17,7 @@ from cases import AVG_POOL_CASES, MAX_POOL_CASES, Case
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from gapnet import _shapes, reference
+from gapnet import _shapes, _strided, reference
 from gapnet.kernels import window_pool as wp
 
 pytestmark = [pytest.mark.triton]
@@ -61,7 +61,7 @@ def _randn(shape, dtype, seed, channels_last=False) -> torch.Tensor:
 
 def _nan_like(shape, x: torch.Tensor) -> torch.Tensor:
     """A NaN-filled `out=` in x's memory format."""
-    fmt = torch.channels_last if wp._is_channels_last(x) else torch.contiguous_format
+    fmt = torch.channels_last if _strided._is_channels_last(x) else torch.contiguous_format
     return torch.full(shape, float("nan"), dtype=x.dtype, device=x.device).contiguous(
         memory_format=fmt
     )
@@ -91,7 +91,7 @@ def _same_strides(a: torch.Tensor, b: torch.Tensor) -> None:
 
 def _same_format(result: torch.Tensor, x: torch.Tensor) -> None:
     """Outputs follow the input's memory format, as PyTorch's pools."""
-    if wp._is_channels_last(x):
+    if _strided._is_channels_last(x):
         assert result.is_contiguous(memory_format=torch.channels_last), result.stride()
     else:
         assert result.is_contiguous(), result.stride()
@@ -344,7 +344,7 @@ def test_strided_input_and_expanded_grad():
     strides (no copy), the output is NCHW-contiguous; grad_y may be an expanded tensor."""
     base = _randn((2, 5, 14, 12), torch.float32, 31)
     x = base[:, 1:4, ::2, 1:].transpose(2, 3)  # (2, 3, 11, 7), strides (840, 168, 1, 24)
-    assert not x.is_contiguous() and not wp._is_channels_last(x)
+    assert not x.is_contiguous() and not _strided._is_channels_last(x)
     win = _shapes.window2d("max_pool2d", (11, 7), 3, 2, 1)
     y, offsets, _ = wp.max_pool2d_forward(x, win, need_offsets=True, return_indices=False)
     grad = _randn((2, 3, 1, win.out_size[1]), torch.float32, 32).expand(y.shape)  # stride 0

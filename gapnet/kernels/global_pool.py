@@ -30,8 +30,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-KINDS = ("avg", "max", "avgmax", "catavgmax", "gem")
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from gapnet._shapes import GLOBAL_KINDS as KINDS
+from gapnet.kernels import KERNEL_DTYPES
+
 _MAX_KINDS = ("max", "avgmax", "catavgmax")
 
 # Launch shape heuristics (see `_config`). An H100 has 132 SMs; several programs per SM keep
@@ -310,7 +311,7 @@ def _check_input(x: Tensor) -> None:
         raise ValueError(
             f"global pooling kernels expect a 4-d (N, C, H, W) tensor, got {x.dim()}-d"
         )
-    if x.dtype not in _DTYPES:
+    if x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"global pooling kernels take float16, bfloat16 and float32, got {x.dtype}")
 
 

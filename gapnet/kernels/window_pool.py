@@ -53,8 +53,8 @@ import triton
 import triton.language as tl
 
 from gapnet._shapes import Window2d
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from gapnet._strided import _empty_like_format, _offsets_dtype
+from gapnet.kernels import KERNEL_DTYPES
 
 # Div modes of the average: 0 divisor_override, 1 window clipped to the padded extent
 # (count_include_pad and not "same"), 2 number of real taps.
@@ -840,37 +840,17 @@ def _launch(kernel, grid: tuple[int, int, int], *args, **kwargs) -> None:
         kernel[(g0, g1, min(_MAX_GRID_Z, g2 - z0))](z0, *args, **kwargs)
 
 
-def _is_channels_last(t: torch.Tensor) -> bool:
-    """Kernel choice: C is the unit stride (an NHWC tensor seen through a permute)."""
-    s = t.stride()
-    return s[1] == 1 and s[3] != 1 and t.shape[1] > 1
-
-
-def _empty_like_format(x: torch.Tensor, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """An output in the input's memory format (channels_last in, channels_last out)."""
-    if _is_channels_last(x):
-        return torch.empty(shape, dtype=dtype, device=x.device, memory_format=torch.channels_last)
-    return torch.empty(shape, dtype=dtype, device=x.device)
-
-
 def _empty_strided(shape: tuple, strides: tuple, dtype: torch.dtype, device) -> torch.Tensor:
     """Offsets and indices, laid out as y (the tests poison every allocation made here)."""
     return torch.empty_strided(shape, strides, dtype=dtype, device=device)
 
 
 def _check_dtype(x: torch.Tensor, op: str) -> None:
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in KERNEL_DTYPES:
         raise TypeError(
             f"{op}: the Triton kernels take float16, bfloat16 or float32, got {x.dtype} "
             "(float64 goes to PyTorch)"
         )
-
-
-def _offsets_dtype(win: Window2d) -> torch.dtype:
-    taps = win.kernel[0] * win.kernel[1]
-    if taps <= 256:
-        return torch.uint8
-    return torch.int16 if taps <= 32767 else torch.int32
 
 
 @functools.lru_cache(maxsize=256)
@@ -907,7 +887,7 @@ def _fwd_plan(shape: tuple, strides: tuple, win: Window2d, tile: int, warps: int
     """Everything about a forward launch but its tensors, cached: launches of small tensors
     are bound by this Python (channels_last, grid, constexpr keyword arguments)."""
     n, c, _, w = shape
-    cl = strides[1] == 1 and strides[3] != 1 and c > 1  # as _is_channels_last
+    cl = strides[1] == 1 and strides[3] != 1 and c > 1  # as _strided._is_channels_last
     oh, ow = win.out_size
     b0, b1, b2, grid = _blocks(cl, n * c, c, oh, ow, tile)
     # Pair loads (see _tap_pair) for planar stride-2 windows over unit-stride rows; EVEN says
