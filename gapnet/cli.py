@@ -424,13 +424,13 @@ def cmd_cam(a: argparse.Namespace) -> int:
     used: set[str] = set()
     for path, x, info in images:
         x, note = _model_input(model, x, path, a.resize)
-        with torch.no_grad():
-            logits = model(x[None])[0]
-        probs = logits.softmax(0)
+        # one forward pass gives the prediction and the maps (the predicted class's by default)
+        asked = torch.tensor(a.classes) if a.classes else None
+        batch = x[None].expand(1 if asked is None else len(asked), *x.shape)
+        res = cam.class_activation_maps(model, batch, asked)
+        probs = res.logits[0].float().softmax(0)
         pred = int(probs.argmax())
-        classes = list(a.classes) if a.classes else [pred]
-        batch = x[None].expand(len(classes), *x.shape)
-        res = cam.class_activation_maps(model, batch, torch.tensor(classes))
+        classes = res.classes.tolist()
         boxes = cam.cam_boxes(res.maps, a.threshold, a.region)
         stem = Path(path).stem
         if stem in used:

@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-_REGIONS = ("largest", "all")  # gapnet.cam.REGIONS, repeated so a spec loads without torch
 _SWEEP_OWNS = ("head", "train_size", "epochs", "out_dir")  # what each sweep run sets itself
 RESULTS_FORMAT = "gapnet.results/1"  # the "format" tag of results.json
 RESULTS_JSON = "results.json"
@@ -134,9 +133,11 @@ class CompareSpec:
                 f"CompareSpec.sweep_train cannot set {', '.join(owned)}: each sweep run sets "
                 "them itself (use train_sizes, sweep_heads, sweep_steps)"
             )
-        if self.region is not None and self.region not in _REGIONS:
+        from gapnet.cam import REGIONS
+
+        if self.region is not None and self.region not in REGIONS:
             raise ValueError(
-                f"CompareSpec.region must be one of {', '.join(_REGIONS)} or None, "
+                f"CompareSpec.region must be one of {', '.join(REGIONS)} or None, "
                 f"got {self.region!r}"
             )
 
@@ -324,11 +325,11 @@ def accuracy_table(
     return rows
 
 
-def _eval_sets(spec: CompareSpec) -> tuple[list[tuple[int, Any]], list[tuple[int, Any]]]:
-    """The rescaled test sets and the canvas sets every model is measured on (built once)."""
+def _eval_sets(spec: CompareSpec, ds: Any) -> tuple[list[tuple[int, Any]], list[tuple[int, Any]]]:
+    """The rescaled test sets and the canvas sets every model is measured on (built once from
+    `ds`, the loaded `spec.data`)."""
     from gapnet import data
 
-    ds = data.load(spec.data)
     test = ds.test if spec.eval_n is None else data.stratified_subset(ds.test, spec.eval_n)
     rescaled = [(s, data.ImageSet(data.rescale(test.images, s), test.labels)) for s in spec.sizes]
     side = max(ds.image_size)
@@ -463,7 +464,7 @@ def run_compare(
             variants.append((robust_name, {"head": spec.robust_head, **spec.robust}, spec.robust))
         sweep_runs = [(n, h) for n in spec.train_sizes for h in spec.sweep]
         total = len(variants) + len(sweep_runs)
-        rescaled, canvases = _eval_sets(spec)
+        rescaled, canvases = _eval_sets(spec, ds)
         runs, models = [], {}
         for i, (name, changes, robust) in enumerate(variants, 1):
             cfg = _train_config(spec, out, name, **changes)
