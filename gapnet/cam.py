@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gapnet import data as _data
-from gapnet.models import FC_HEADS, GapNet
+from gapnet.models import FC_HEADS, GapNet, eval_mode
 
 # choose_threshold's default candidates: 0.05 apart where CAM boxes are good, coarser above
 THRESHOLDS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -48,18 +47,6 @@ class CamResult(NamedTuple):
     maps: Tensor  # (N, H, W) float32: the chosen class's map per image
     logits: Tensor  # (N, K): the model's logits, from the same forward pass
     classes: Tensor  # (N,) int64: the class each map is for (predicted, or as given)
-
-
-@contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode (BatchNorm frozen, no dropout) and no grad; the train flag is restored."""
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(training)
 
 
 def _check_cam_model(model: Any) -> None:
@@ -168,7 +155,7 @@ def class_activation_maps(
     _check_cam_model(model)
     if not isinstance(x, Tensor):
         raise TypeError(f"class_activation_maps: x must be a torch.Tensor, got {type(x).__name__}")
-    with _eval_mode(model):
+    with eval_mode(model):
         features = model.forward_features(x)  # (N, C, h, w): the only backbone pass
         logits = model.forward_head(features)  # (N, K)
         chosen = _chosen_classes(classes, logits)  # (N,)

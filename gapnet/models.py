@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -667,13 +668,22 @@ def layer_table(model: GapNet, input_size: int | tuple[int, int]) -> list[LayerR
         for name, module in model.named_modules()
         if name and (not any(module.children()) or any(module.parameters(False)))
     ]
-    training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model):
             model(x)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(training)
     return rows
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode (BatchNorm frozen, no dropout) and no grad; the train flag is restored."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(training)

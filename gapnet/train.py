@@ -344,23 +344,20 @@ def _check_images(images: Any, what: str) -> None:
         raise ValueError(f"{what}: images must be a float (N, C, H, W) tensor, got {got}")
 
 
-@torch.no_grad()
 def _logits(
     model: nn.Module, images: Tensor, batch_size: int, amp: bool
 ) -> Iterator[tuple[int, Tensor]]:
     """(start, float32 logits) for each batch of `images`, model in eval mode."""
     device = _model_device(model)
     fmt = torch.channels_last if _is_channels_last(model) else torch.contiguous_format
-    was_training = model.training
-    model.eval()
-    try:
+    from gapnet.models import eval_mode
+
+    with eval_mode(model):
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size].to(device, non_blocking=True)
             x = x.contiguous(memory_format=fmt)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 yield start, model(x).float()  # (B, K)
-    finally:
-        model.train(was_training)
 
 
 def evaluate(
