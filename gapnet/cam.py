@@ -237,17 +237,19 @@ def label_components(mask: Tensor) -> Tensor:
         labels = new
 
 
+def _check_rule(threshold: float, region: str) -> None:
+    """`cam_boxes`' checks of a box rule (localize and choose_threshold run them up front)."""
+    if isinstance(threshold, bool) or not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"cam_boxes: threshold must be in [0, 1], got {threshold!r}")
+    if region not in REGIONS:
+        raise ValueError(f"cam_boxes: region must be one of {', '.join(REGIONS)}, got {region!r}")
+
+
 def _boxes_of(mask: Tensor) -> Tensor:
     """(x0, y0, x1, y1) of each mask's pixels, ends exclusive; the full image where none."""
     n, h, w = mask.shape
-    rows, cols = mask.any(dim=2), mask.any(dim=1)  # (N, H), (N, W)
-    ri, ci = rows.int(), cols.int()
-    # argmax returns the first maximum: the first marked row/column from either end
-    y0, y1 = ri.argmax(dim=1), h - ri.flip(1).argmax(dim=1)
-    x0, x1 = ci.argmax(dim=1), w - ci.flip(1).argmax(dim=1)
-    boxes = torch.stack([x0, y0, x1, y1], dim=1)  # (N, 4)
     full = torch.tensor([0, 0, w, h], dtype=torch.int64, device=mask.device).expand(n, 4)
-    return torch.where(rows.any(dim=1, keepdim=True), boxes, full)
+    return torch.where(mask.flatten(1).any(1, keepdim=True), _data._mask_boxes(mask), full)
 
 
 def cam_boxes(maps: Any, threshold: float = 0.2, region: str = "largest") -> Tensor:
@@ -289,10 +291,7 @@ def cam_boxes(maps: Any, threshold: float = 0.2, region: str = "largest") -> Ten
         raise ValueError(f"cam_boxes: maps must be (N, H, W) or (H, W), got shape {tuple(m.shape)}")
     if m.dtype == torch.bool or m.is_complex():
         raise TypeError(f"cam_boxes: maps must be real numbers, got {m.dtype}")
-    if isinstance(threshold, bool) or not 0.0 <= float(threshold) <= 1.0:
-        raise ValueError(f"cam_boxes: threshold must be in [0, 1], got {threshold!r}")
-    if region not in REGIONS:
-        raise ValueError(f"cam_boxes: region must be one of {', '.join(REGIONS)}, got {region!r}")
+    _check_rule(threshold, region)
     n, h, w = m.shape
     if h == 0 or w == 0:
         raise ValueError(f"cam_boxes: maps must not be empty, got shape {tuple(m.shape)}")
@@ -626,7 +625,7 @@ def localize(
         [(28, 10, True), (40, 10, True)]
     """
     _check_cam_model(model)
-    cam_boxes(torch.zeros(1, 1, 1), threshold, region)  # validates both before any work
+    _check_rule(threshold, region)  # before any work
     batch = _check_batch_size(batch_size)
     return [
         _score(
@@ -700,7 +699,7 @@ def choose_threshold(
             f"got {tuple(candidates)} and {tuple(regions)}"
         )
     for region, t in rules:
-        cam_boxes(torch.zeros(1, 1, 1), t, region)  # validates each rule before any work
+        _check_rule(t, region)  # before any work
     batch = _check_batch_size(batch_size)
     per_size = [
         _score(

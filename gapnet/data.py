@@ -633,14 +633,22 @@ def place_on_canvas(
 
 def _tight_boxes(images: Tensor) -> Tensor:
     """(x0, y0, x1, y1) of each image's non-zero pixels, ends exclusive; (0, 0, 0, 0) if none."""
-    ink = (images != 0).any(dim=1)  # (N, H, W)
-    rows, cols = ink.any(dim=2).int(), ink.any(dim=1).int()  # (N, H), (N, W)
+    return _mask_boxes((images != 0).any(dim=1))
+
+
+def _mask_boxes(mask: Tensor) -> Tensor:
+    """(x0, y0, x1, y1) of each (H, W) mask's set pixels, ends exclusive; (0, 0, 0, 0) if none.
+
+    Shape:
+        (N, H, W) bool -> (N, 4) int64.
+    """
+    rows, cols = mask.any(dim=2).int(), mask.any(dim=1).int()  # (N, H), (N, W)
     h, w = rows.shape[1], cols.shape[1]
-    # argmax returns the first maximum: the first inked row/column from either end
+    # argmax returns the first maximum: the first set row/column from either end
     y0, y1 = rows.argmax(dim=1), h - rows.flip(1).argmax(dim=1)
     x0, x1 = cols.argmax(dim=1), w - cols.flip(1).argmax(dim=1)
     boxes = torch.stack([x0, y0, x1, y1], dim=1)  # (N, 4)
-    return boxes * rows.any(dim=1, keepdim=True)  # all-zero images: rows.any is False
+    return boxes * rows.any(dim=1, keepdim=True)  # empty masks: rows.any is False
 
 
 def _paste_distractors(
