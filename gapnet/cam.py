@@ -15,6 +15,7 @@ PIL is imported only by the drawing functions; matplotlib never (the colormap is
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from collections.abc import Sequence
@@ -497,14 +498,12 @@ def save_png(img: Any, path: str | os.PathLike[str]) -> Path:
         ...     Image.open(save_png(Image.new("RGB", (5, 3)), Path(d) / "a.png")).size
         (5, 3)
     """
+    from gapnet.train import _atomic_write
+
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    png = io.BytesIO()
+    img.save(png, format="PNG")
+    _atomic_write(target, png.getvalue())
     return target
 
 

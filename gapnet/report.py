@@ -1249,11 +1249,13 @@ def write_report(results: dict[str, Any], out_dir: str | os.PathLike[str]) -> di
         "markdown": out / REPORT_MD,
         "html": out / REPORT_HTML,
     }
-    paths["results"].write_text(json.dumps(results, indent=1) + "\n")
-    paths["svg"].write_text(accuracy_chart(results))
+    from gapnet.train import _atomic_write  # a crash never leaves half a report
+
+    _atomic_write(paths["results"], (json.dumps(results, indent=1) + "\n").encode())
+    _atomic_write(paths["svg"], accuracy_chart(results).encode())
     blocks = report_blocks(results)
-    paths["markdown"].write_text(to_markdown(blocks))
-    paths["html"].write_text(to_html(blocks, out))
+    _atomic_write(paths["markdown"], to_markdown(blocks).encode())
+    _atomic_write(paths["html"], to_html(blocks, out).encode())
     return paths
 
 
