@@ -175,7 +175,7 @@ def load(spec: str, *, seed: int = 0, size: int | None = None) -> Dataset:
     else:
         known = ", ".join([*_BUNDLED, *(f"{k}:DIR" for k in _ON_DISK)])
         raise ValueError(f"unknown dataset {name!r} in {spec!r}; known: {known}")
-    if size is not None and name != "folder":
+    if size is not None:  # a no-op where the reader already made size x size (folders)
         train = ImageSet(rescale(train.images, size), train.labels)
         test = ImageSet(rescale(test.images, size), test.labels)
     return Dataset(spec, train, test, classes)

@@ -962,7 +962,7 @@ def train(
         def train_step(e: int, k: int, order: Tensor) -> None:
             """Optimizer step k of epoch e; everything random in it is seeded by (seed, e, k)."""
             idx = order[k * cfg.batch_size : (k + 1) * cfg.batch_size].to(device)  # (B,)
-            g = torch.Generator().manual_seed(_seed(cfg.seed, _AUGMENT, e, k))
+            g = _generator(cfg.seed, _AUGMENT, e, k)
             x = _augment(cfg, x_train[idx], g).contiguous(memory_format=fmt)  # (B, C, H, W)
             y = y_train[idx]  # (B,)
             torch.manual_seed(_seed(cfg.seed, _GLOBAL, e, k))  # dropout
@@ -1061,8 +1061,8 @@ def train(
         if saved is None and cfg.epochs == 0:  # a 0-epoch run: keep its initial state
             save()
         train_acc_final, train_loss_final = evaluate(
-            model, train_set.images, train_set.labels, batch_size=cfg.eval_batch_size, amp=amp
-        )
+            model, x_train, y_train, batch_size=cfg.eval_batch_size, amp=amp
+        )  # the copies already on the device
         last = st.metrics[-1] if st.metrics else None
         if last is not None and last["test_acc"] is not None:
             test_acc_final, test_loss_final = last["test_acc"], last["test_loss"]
