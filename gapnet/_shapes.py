@@ -131,11 +131,13 @@ class Window2d:
     out_size: tuple[int, int]
     same: bool  # Keras "same": padded cells are never counted in an average
 
-    def divisors(self, count_include_pad: bool, axis: int) -> list[int]:
+    @functools.lru_cache(maxsize=1024)  # noqa: B019 - windows are few, small and cached too
+    def divisors(self, count_include_pad: bool, axis: int) -> tuple[int, ...]:
         """Per-output cell count along one axis; an average's divisor is the product of two.
 
         As PyTorch: with count_include_pad the window is clipped to the padded input (so a
         ceil_mode window that runs past the padding counts fewer cells), else to the input.
+        Cached: every average pool call on every backend asks for them.
         """
         size, k, s, d = (
             self.in_size[axis],
@@ -151,7 +153,7 @@ class Window2d:
                 counts.append(min(start + (k - 1) * d + 1, size + hi) - start)
             else:
                 counts.append(sum(1 for a in range(k) if 0 <= start + a * d < size))
-        return counts
+        return tuple(counts)
 
 
 def _same_padding(size: int, k: int, s: int, d: int) -> tuple[int, int, int]:

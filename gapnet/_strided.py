@@ -442,6 +442,7 @@ def _max_forward(
     return y, off, indices
 
 
+@functools.lru_cache(maxsize=256)  # a Python loop over the input side, on every backward
 def _reads(taps: tuple[_Tap, ...], size: int, stride: int) -> tuple[bool, bool]:
     """(disjoint, covering) along one axis: no input position is read by two (output, tap)
     pairs; every input position is read by one. Both: a backward can write, not accumulate."""
