@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from gapnet._shapes import Window2d
-from gapnet.kernels import KERNEL_DTYPES
+from gapnet.kernels import KERNEL_DTYPES, maps_channels_last
 
 # A reason that starts with this only keeps backend="auto" off the kernels; "triton" runs anyway.
 AUTO_ONLY = "auto:"
@@ -325,10 +325,15 @@ def avg_pool2d(
 # ----------------------------------------------------------------------------- gap_linear
 
 
-def _gap_linear_bwd(ctx, g_logits, x, weight, pooled):  # type: ignore[no-untyped-def]
+def _gap_linear_needs(ctx) -> list[bool]:  # type: ignore[no-untyped-def]
+    """Which of grad x, grad weight, grad bias the backward must compute."""
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    return [need_x, need_w, need_b and ctx.has_bias]
+
+
+def _gap_linear_bwd(ctx, g_logits, x, weight, pooled):  # type: ignore[no-untyped-def]
     return _global_kernels().gap_linear_backward(
-        g_logits, x, weight, pooled, need_x, need_w, need_b and ctx.has_bias
+        g_logits, x, weight, pooled, *_gap_linear_needs(ctx)
     )
 
 
@@ -364,8 +369,7 @@ def _(x, weight, bias, return_maps):  # type: ignore[no-untyped-def]
     pooled = x.new_empty((n, c), dtype=torch.float32)
     if not return_maps:
         return logits, pooled, x.new_empty(0)
-    channels_last = x.stride(1) == 1 and h * w > 1
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = torch.channels_last if maps_channels_last(x) else torch.contiguous_format
     return (
         logits,
         pooled,
@@ -400,11 +404,7 @@ def _gap_linear_setup(ctx, inputs, output):  # type: ignore[no-untyped-def]
 
 def _gap_linear_backward(ctx, g_logits, _gpooled, _gmaps):  # type: ignore[no-untyped-def]
     x, weight, pooled = ctx.saved_tensors
-    needs = [
-        ctx.needs_input_grad[0],
-        ctx.needs_input_grad[1],
-        ctx.needs_input_grad[2] and ctx.has_bias,
-    ]
+    needs = _gap_linear_needs(ctx)
     gx, gw, gb = _gap_linear_bwd_op(g_logits, x, weight, pooled, needs)
     return (gx if needs[0] else None), (gw if needs[1] else None), (gb if needs[2] else None), None
 

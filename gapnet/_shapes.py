@@ -19,11 +19,6 @@ LAYOUTS = ("NCHW", "NHWC", "CHW", "HWC")
 GLOBAL_KINDS = ("avg", "max", "avgmax", "catavgmax", "gem")
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
-# Axis order that turns each layout, after a batch axis is added to an unbatched one, into NCHW;
-# its inverse turns an NCHW result back.
-_TO_NCHW = {"NCHW": (0, 1, 2, 3), "NHWC": (0, 3, 1, 2), "CHW": (0, 1, 2, 3), "HWC": (0, 3, 1, 2)}
-_FROM_NCHW = {"NCHW": (0, 1, 2, 3), "NHWC": (0, 2, 3, 1), "CHW": (0, 1, 2, 3), "HWC": (0, 2, 3, 1)}
-
 
 @dataclass(frozen=True)
 class Layout:
@@ -46,6 +41,16 @@ class Layout:
         return shape if self.batched else shape[1:]
 
 
+# Each layout's axis order that turns it, after a batch axis is added to an unbatched one, into
+# NCHW, and the inverse that turns an NCHW result back; built once, returned by check_layout.
+_LAYOUT_OF = {
+    "NCHW": Layout("NCHW", True, (0, 1, 2, 3), (0, 1, 2, 3)),
+    "NHWC": Layout("NHWC", True, (0, 3, 1, 2), (0, 2, 3, 1)),
+    "CHW": Layout("CHW", False, (0, 1, 2, 3), (0, 1, 2, 3)),
+    "HWC": Layout("HWC", False, (0, 3, 1, 2), (0, 2, 3, 1)),
+}
+
+
 def check_layout(layout: str, shape: Sequence[int], op: str) -> Layout:
     """Validate `layout` and the input's rank for it; return how it maps onto NCHW."""
     if layout not in LAYOUTS:
@@ -57,7 +62,7 @@ def check_layout(layout: str, shape: Sequence[int], op: str) -> Layout:
             f"{op} with layout={layout!r} expects a {rank}-d input ({axes}), "
             f"got shape {tuple(shape)}"
         )
-    return Layout(layout, rank == 4, _TO_NCHW[layout], _FROM_NCHW[layout])
+    return _LAYOUT_OF[layout]
 
 
 def check_float_dtype(dtype: str, op: str) -> None:

@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from gapnet._shapes import GLOBAL_KINDS as KINDS
-from gapnet.kernels import KERNEL_DTYPES
+from gapnet.kernels import KERNEL_DTYPES, maps_channels_last
 
 _MAX_KINDS = ("max", "avgmax", "catavgmax")
 
@@ -566,7 +566,7 @@ def gap_linear_forward(
     if return_maps:
         k = weight.shape[0]
         wx = weight.to(x.dtype)
-        if x.stride(1) == 1 and h * w > 1:  # channels_last: (N, HW, C) @ (C, K), free views
+        if maps_channels_last(x):  # (N, HW, C) @ (C, K), free views
             nhwc = x.permute(0, 2, 3, 1).reshape(n, h * w, c)
             maps = torch.matmul(nhwc, wx.t()).view(n, h, w, k).permute(0, 3, 1, 2)
         else:
