@@ -8,7 +8,6 @@ last window) is written once and every backend agrees on it.
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -136,7 +135,7 @@ class Window2d:
     out_size: tuple[int, int]
     same: bool  # Keras "same": padded cells are never counted in an average
 
-    @functools.lru_cache(maxsize=1024)  # noqa: B019 - windows are few, small and cached too
+    @functools.lru_cache(maxsize=1024)  # noqa: B019 - windows are few and small, and plans keep them alive anyway
     def divisors(self, count_include_pad: bool, axis: int) -> tuple[int, ...]:
         """Per-output cell count along one axis; an average's divisor is the product of two.
 
@@ -177,20 +176,6 @@ def _torch_out_size(size: int, k: int, s: int, d: int, pad: int, ceil_mode: bool
     return out
 
 
-def _plain(value: object) -> bool:
-    """An argument that may key a cache: None, an exact int or str, or a tuple of exact ints
-    (a bool is not an int here: True == 1 must not find the cached window of kernel_size=1)."""
-    if value is None or type(value) in (int, str):
-        return True
-    return type(value) is tuple and all(type(v) is int for v in value)
-
-
-def _compiling() -> bool:
-    """Whether torch.compile is tracing this call (torch is looked up, never imported here)."""
-    torch = sys.modules.get("torch")
-    return torch is not None and bool(torch.compiler.is_compiling())
-
-
 def window2d(
     op: str,
     in_size: Sequence[int],
@@ -202,26 +187,8 @@ def window2d(
 ) -> Window2d:
     """Validate the arguments of a strided 2-d pool and resolve its windows and output size.
 
-    Resolved windows are cached (a model calls the same pool with the same arguments every
-    step, and resolving them in Python costs more than a small pool itself).
+    Not cached here: `gapnet.functional` keeps each validated call's outcome, windows included.
     """
-    # Only plain ints key the cache (under torch.compile with dynamic shapes H and W are
-    # SymInts), and a compile traces the resolution itself: Dynamo warns on lru_cache wrappers.
-    args = (op, tuple(in_size), kernel_size, stride, padding, dilation)
-    if all(_plain(a) for a in args[1:]) and type(ceil_mode) is bool and not _compiling():
-        return _cached_window2d(*args, ceil_mode)
-    return _resolve_window2d(op, in_size, kernel_size, stride, padding, dilation, ceil_mode)
-
-
-def _resolve_window2d(
-    op: str,
-    in_size: Sequence[int],
-    kernel_size: IntPair,
-    stride: IntPair | None,
-    padding: Padding,
-    dilation: IntPair,
-    ceil_mode: bool,
-) -> Window2d:
     kernel = pair(kernel_size, "kernel_size")
     strides = kernel if stride is None else pair(stride, "stride")
     dil = pair(dilation, "dilation")
@@ -270,9 +237,6 @@ def _resolve_window2d(
                 f"kernel_size={kernel}, padding={padding!r}, dilation={dil}"
             )
     return window
-
-
-_cached_window2d = functools.lru_cache(maxsize=1024)(_resolve_window2d)
 
 
 def adaptive_output_size(

@@ -16,8 +16,8 @@ windows that need it always run on the strided-view path unless the kernels take
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -72,16 +72,22 @@ def _pick_backend(backend: str | None, x: Tensor, op: str, win: Window2d | None 
 
 
 _IDENTITY = (0, 1, 2, 3)
+_NCHW = _shapes.check_layout("NCHW", _IDENTITY, "")  # the layout that needs no view
 
 
-def _as_nchw(x: Tensor, layout: str, op: str) -> tuple[Tensor, Layout]:
+def _to_nchw(x: Tensor, lay: Layout) -> Tensor:
+    """x, already validated for `lay`, as a (possibly channels_last) NCHW view."""
+    x4 = x if lay.batched else x.unsqueeze(0)
+    return x4 if lay.to_nchw == _IDENTITY else x4.permute(lay.to_nchw)
+
+
+def _checked_nchw(x: Tensor, layout: str, op: str) -> tuple[Tensor, Layout]:
     """Validate x for `layout` and return it as a (possibly channels_last) NCHW view."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{op} expects a torch.Tensor, got {type(x).__name__}")
     _shapes.check_float_dtype(str(x.dtype), op)
     lay = _shapes.check_layout(layout, x.shape, op)
-    x4 = x if lay.batched else x.unsqueeze(0)
-    return (x4 if lay.to_nchw == _IDENTITY else x4.permute(lay.to_nchw)), lay
+    return _to_nchw(x, lay), lay
 
 
 def _from_nchw(y: Tensor, lay: Layout) -> Tensor:
@@ -89,8 +95,84 @@ def _from_nchw(y: Tensor, lay: Layout) -> Tensor:
     return y if lay.batched else y.squeeze(0)
 
 
-def _fits_torch_padding(win: Window2d) -> bool:
-    """Whether PyTorch's symmetric-padding pool can express this window directly."""
+# ----------------------------------------------------------------------------- call plans
+# Validating a call and choosing its backend runs a dozen small Python functions, and right
+# after a pooling op has swept the CPU caches that code runs cold: on the 2-core VM of
+# benchmarks/RESULTS.md it took ~100 us per max_pool2d call, where all of F.max_pool2d's Python
+# took ~35 us, and it made ops that run PyTorch's very kernel 3-8 % slower than PyTorch. So a
+# call is validated once per signature (op, arguments, input shape, dtype, device, contiguity,
+# grad need, layout, backend) and its outcome kept: the next such call is one dict lookup.
+
+
+class _Plan(NamedTuple):
+    lay: Layout
+    use: str  # "torch" (PyTorch's op), "strided" (gapnet._strided) or "triton" (the kernels)
+    resolved: Any  # what the op's resolver returned: its Window2d, or None
+
+
+_PLANS: dict[tuple, _Plan] = {}
+_MAX_PLANS = 4096  # a bound for programs that pool ever-new shapes; refilling is cheap
+_is_compiling = torch.compiler.is_compiling  # bound once: a cold lookup chain costs ~15 us
+
+
+def _plan(
+    op: str,
+    x: Tensor,
+    layout: str,
+    backend: str | None,
+    args: tuple,
+    resolve: Callable[[str, Tensor, tuple], Any],
+    typed: bool = False,
+) -> _Plan:
+    """Validate a call (or find it validated before) and choose its backend.
+
+    `args` are the op's arguments that validation or the backend choice depend on;
+    ``resolve(op, x4, args)`` validates them against the NCHW view x4, raising the error that
+    names what is wrong, and returns what the op needs (its Window2d, or None). `typed`: the
+    validation also looks at the arguments' types, so the key holds ``repr(args)``: a window of
+    kernel_size=True must be refused although True == 1 (repr costs ~20 us cold, so only then).
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op} expects a torch.Tensor, got {type(x).__name__}")
+    name = _default_backend if backend is None else backend
+    if _is_compiling():  # shapes may be symbolic, and Dynamo traces the checks themselves
+        return _new_plan(op, x, layout, name, args, resolve)
+    grad = x.requires_grad and torch.is_grad_enabled()
+    by = repr(args) if typed else args
+    key = (op, by, layout, name, x.shape, x.dtype, x.device, x.is_contiguous(), grad)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _new_plan(op, x, layout, name, args, resolve)
+        # under TRITON_INTERPRET a CPU tensor's "triton" depends on the environment: not kept
+        if plan.use != "triton" or x.is_cuda:
+            if len(_PLANS) >= _MAX_PLANS:
+                _PLANS.clear()
+            _PLANS[key] = plan
+    return plan
+
+
+def _new_plan(
+    op: str, x: Tensor, layout: str, backend: str, args: tuple, resolve: Callable[..., Any]
+) -> _Plan:
+    x4, lay = _checked_nchw(x, layout, op)
+    resolved = resolve(op, x4, args)
+    win = resolved if isinstance(resolved, Window2d) else None
+    use = _pick_backend(backend, x4, op, win)
+    if use == "torch" and win is not None and not _torch_takes(op, win):
+        use = "strided"  # the strided-view path pools such windows as they are, uncopied
+    return _Plan(lay, use, resolved)
+
+
+def _window(op: str, x4: Tensor, args: tuple) -> Window2d:
+    """A window op's resolver: args are `_shapes.window2d`'s after the input size."""
+    return _shapes.window2d(op, (x4.shape[-2], x4.shape[-1]), *args)
+
+
+def _torch_takes(op: str, win: Window2d) -> bool:
+    """Whether PyTorch's pool can run these windows: its padding is symmetric and at most half
+    the kernel, and its average cannot leave out the padding of Keras' "same"."""
+    if op == "avg_pool2d" and win.same:
+        return False
     return win.pad_before == win.pad_after and all(
         win.pad_before[a] <= win.kernel[a] // 2 for a in (0, 1)
     )
@@ -129,26 +211,23 @@ def max_pool2d(
         >>> max_pool2d(x, 2).flatten().tolist()
         [5.0, 7.0, 13.0, 15.0]
     """
-    op = "max_pool2d"
-    x4, lay = _as_nchw(x, layout, op)
-    win = _shapes.window2d(op, x4.shape[-2:], kernel_size, stride, padding, dilation, ceil_mode)
-    use = _pick_backend(backend, x4, op, win)
+    args = (kernel_size, stride, padding, dilation, ceil_mode)
+    lay, use, win = _plan("max_pool2d", x, layout, backend, args, _window, typed=True)
+    x4 = x if lay is _NCHW else _to_nchw(x, lay)
     if use == "triton":
         from gapnet import _ops
 
         y, indices = _ops.max_pool2d(x4, win, return_indices)
-    elif use == "strided" or not _fits_torch_padding(win):
-        # PyTorch has no asymmetric padding: the strided-view path pools "same" windows as
-        # they are, with no padded copy and padding never chosen as a window's maximum
+    elif use == "strided":  # also the windows PyTorch cannot pad (padding never wins a max)
         y, indices = _strided.max_pool2d(x4, win, return_indices)
     elif return_indices:
         y, indices = F.max_pool2d(
             x4, win.kernel, win.stride, win.pad_before, win.dilation, ceil_mode, True
         )
-    else:
-        y = F.max_pool2d(x4, win.kernel, win.stride, win.pad_before, win.dilation, ceil_mode)
+    else:  # the op F.max_pool2d ends in, without its Python wrapper: this path is PyTorch's
+        y = torch.max_pool2d(x4, win.kernel, win.stride, win.pad_before, win.dilation, ceil_mode)
         indices = None
-    y = _from_nchw(y, lay)
+    y = y if lay is _NCHW else _from_nchw(y, lay)
     if not return_indices:
         return y
     assert indices is not None  # every backend returns indices when asked
@@ -156,6 +235,12 @@ def max_pool2d(
 
 
 # ----------------------------------------------------------------------------- avg_pool2d
+
+
+def _avg_window(op: str, x4: Tensor, args: tuple) -> Window2d:
+    *window_args, divisor_override = args
+    _shapes.check_divisor_override(divisor_override, op)
+    return _window(op, x4, tuple(window_args))
 
 
 def avg_pool2d(
@@ -189,23 +274,21 @@ def avg_pool2d(
         >>> avg_pool2d(x, 2).flatten().tolist()
         [2.5, 4.5, 10.5, 12.5]
     """
-    op = "avg_pool2d"
-    _shapes.check_divisor_override(divisor_override, op)
-    x4, lay = _as_nchw(x, layout, op)
-    win = _shapes.window2d(op, x4.shape[-2:], kernel_size, stride, padding, 1, ceil_mode)
-    use = _pick_backend(backend, x4, op, win)
+    args = (kernel_size, stride, padding, 1, ceil_mode, divisor_override)
+    lay, use, win = _plan("avg_pool2d", x, layout, backend, args, _avg_window, typed=True)
+    x4 = x if lay is _NCHW else _to_nchw(x, lay)
     if use == "triton":
         from gapnet import _ops
 
         y = _ops.avg_pool2d(x4, win, count_include_pad, divisor_override)
-    elif use == "strided" or win.same:  # PyTorch cannot leave "same" padding uncounted
+    elif use == "strided":  # also "same" windows, whose padding PyTorch would count
         y = _strided.avg_pool2d(x4, win, count_include_pad, divisor_override)
     else:
         y = F.avg_pool2d(
             x4, win.kernel, win.stride, win.pad_before, ceil_mode, count_include_pad,
             divisor_override,
         )  # fmt: skip
-    return _from_nchw(y, lay)
+    return y if lay is _NCHW else _from_nchw(y, lay)
 
 
 # ----------------------------------------------------------------------------- adaptive pools
@@ -231,7 +314,7 @@ def adaptive_avg_pool2d(
     """
     op = "adaptive_avg_pool2d"
     _check_backend(_default_backend if backend is None else backend)
-    x4, lay = _as_nchw(x, layout, op)
+    x4, lay = _checked_nchw(x, layout, op)
     out = _shapes.adaptive_output_size(output_size, (x4.shape[-2], x4.shape[-1]), op)
     return _from_nchw(F.adaptive_avg_pool2d(x4, out), lay)
 
@@ -262,7 +345,7 @@ def adaptive_max_pool2d(
     """
     op = "adaptive_max_pool2d"
     _check_backend(_default_backend if backend is None else backend)
-    x4, lay = _as_nchw(x, layout, op)
+    x4, lay = _checked_nchw(x, layout, op)
     out = _shapes.adaptive_output_size(output_size, (x4.shape[-2], x4.shape[-1]), op)
     y, indices = F.adaptive_max_pool2d(x4, out, return_indices=True)
     y = _from_nchw(y, lay)
@@ -272,8 +355,74 @@ def adaptive_max_pool2d(
 # ----------------------------------------------------------------------------- global pools
 
 
+_TENSOR_P = "<tensor p>"  # stands for a tensor p in a plan's key: tensors are never validated
+
+
+def _global(op: str, x4: Tensor, args: tuple) -> None:
+    """global_pool2d's resolver: args are (kind, p or _TENSOR_P, eps)."""
+    kind, p, eps = args
+    _shapes.check_kind(kind, op)
+    if kind == "gem":
+        _shapes.check_gem(None if p is _TENSOR_P else p, eps)
+    _shapes.check_global_input((x4.shape[-2], x4.shape[-1]), op)
+
+
+def _gap_linear_weights(op: str, x4: Tensor, args: tuple) -> None:
+    """gap_linear's resolver: args are (weight.shape, bias.shape or None)."""
+    weight_shape, bias_shape = args
+    _shapes.check_global_input((x4.shape[-2], x4.shape[-1]), op)
+    if len(weight_shape) != 2 or weight_shape[1] != x4.shape[1]:
+        raise ValueError(
+            f"{op}: weight must be (num_classes, {x4.shape[1]}), got {tuple(weight_shape)}"
+        )
+    if bias_shape is not None and bias_shape != (weight_shape[0],):
+        raise ValueError(f"{op}: bias must be ({weight_shape[0]},), got {tuple(bias_shape)}")
+
+
+class _MeanHW(torch.autograd.Function):
+    """``x.mean((2, 3))`` whose backward writes the gradient once, in the input's layout.
+
+    PyTorch's backward of mean divides the expanded gradient into a new NCHW-ordered tensor,
+    which autograd then copies into a channels_last input's layout: two full-size passes (one
+    transposing) where one suffices. Forward+backward on CPU: 1.0-2.2x faster NCHW and
+    1.6-4.3x channels_last (benchmarks/RESULTS.md). Values are PyTorch's bit for bit.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:  # type: ignore[override]
+        return x.mean((2, 3))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        (x,) = inputs
+        ctx.shape = x.shape
+        ctx.channels_last = not x.is_contiguous() and x.is_contiguous(
+            memory_format=torch.channels_last
+        )
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor) -> Tensor:  # type: ignore[override]
+        n, c, h, w = ctx.shape
+        share = gy / (h * w)
+        # written in memory order, then viewed as NCHW (contiguous(memory_format=...) is not
+        # available under vmap)
+        if ctx.channels_last:
+            return share[:, None, None, :].expand(n, h, w, c).contiguous().permute(0, 3, 1, 2)
+        return share[:, :, None, None].expand(n, c, h, w).contiguous()
+
+
+def _mean_hw(x4: Tensor) -> Tensor:
+    """(N, C, H, W) -> (N, C) means, with `_MeanHW`'s backward when a gradient is needed."""
+    if x4.requires_grad and torch.is_grad_enabled():
+        return _MeanHW.apply(x4)  # type: ignore[no-any-return]
+    return x4.mean((2, 3))
+
+
 def _torch_global_pool(x4: Tensor, kind: str, p: float | Tensor, eps: float) -> Tensor:
-    """(N, C, H, W) -> (N, C) or (N, 2C) with PyTorch ops; max gradients go to the first max."""
+    """(N, C, H, W) -> (N, C) or (N, 2C) with PyTorch ops for the kinds other than "avg" (that
+    is `_mean_hw`, called directly: a call fewer); max gradients go to the first max."""
     if kind == "gem":  # in float32: x^p overflows float16 from x = 40 on (p = 3)
         x_acc = x4.to(_strided._acc_dtype(x4.dtype)).clamp(min=eps)
         # Without autograd the clamped copy is ours: powering it in place saves an allocation
@@ -287,16 +436,14 @@ def _torch_global_pool(x4: Tensor, kind: str, p: float | Tensor, eps: float) -> 
         in_place = not needs_grad and p_same_dtype
         powered = x_acc.pow_(p) if in_place else x_acc.pow(p)
         return powered.mean((2, 3)).pow(1.0 / p).to(x4.dtype)
-    avg = x4.mean((2, 3)) if kind != "max" else None
     # adaptive_max_pool2d, unlike amax, sends a window's whole gradient to one element
-    peak = F.adaptive_max_pool2d(x4, 1).flatten(1) if kind != "avg" else None
-    if kind == "avg":
-        return avg  # type: ignore[return-value]
+    peak = F.adaptive_max_pool2d(x4, 1).flatten(1)
     if kind == "max":
-        return peak  # type: ignore[return-value]
+        return peak
+    avg = x4.mean((2, 3))
     if kind == "avgmax":
-        return 0.5 * (avg + peak)  # type: ignore[operator]
-    return torch.cat((avg, peak), dim=1)  # type: ignore[arg-type]
+        return 0.5 * (avg + peak)
+    return torch.cat((avg, peak), dim=1)
 
 
 def global_pool2d(
@@ -330,20 +477,20 @@ def global_pool2d(
         >>> global_pool2d(x, "avgmax", layout="CHW").tolist()
         [4.5]
     """
-    op = "global_pool2d"
-    _shapes.check_kind(kind, op)
-    if kind == "gem":
-        _shapes.check_gem(None if isinstance(p, Tensor) else p, eps)
-    x4, lay = _as_nchw(x, layout, op)
-    n, _, h, w = x4.shape
-    _shapes.check_global_input((h, w), op)
-    if _pick_backend(backend, x4, op) == "triton":
+    args = (kind, _TENSOR_P if isinstance(p, Tensor) else p, eps)
+    lay, use, _ = _plan("global_pool2d", x, layout, backend, args, _global)
+    x4 = x if lay is _NCHW else _to_nchw(x, lay)
+    if use == "triton":
         from gapnet import _ops
 
         y = _ops.global_pool2d(x4, kind, p, eps)
+    elif kind == "avg":
+        y = _mean_hw(x4)
     else:
         y = _torch_global_pool(x4, kind, p, eps)
-    return y.reshape(lay.pooled_shape(n, y.shape[1], keepdim))
+    if keepdim or not lay.batched:  # else y is (N, C) already: a no-op reshape costs ~50 us cold
+        y = y.reshape(lay.pooled_shape(x4.shape[0], y.shape[1], keepdim))
+    return y
 
 
 def global_avg_pool2d(
@@ -418,21 +565,15 @@ def gap_linear(
         >>> torch.allclose(maps.mean((2, 3)), logits, atol=1e-6)
         True
     """
-    op = "gap_linear"
-    x4, lay = _as_nchw(x, layout, op)
-    _shapes.check_global_input((x4.shape[-2], x4.shape[-1]), op)
-    if weight.ndim != 2 or weight.shape[1] != x4.shape[1]:
-        raise ValueError(
-            f"{op}: weight must be (num_classes, {x4.shape[1]}), got {tuple(weight.shape)}"
-        )
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"{op}: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if _pick_backend(backend, x4, op) == "triton":
+    args = (weight.shape, None if bias is None else bias.shape)
+    lay, use, _ = _plan("gap_linear", x, layout, backend, args, _gap_linear_weights)
+    x4 = x if lay is _NCHW else _to_nchw(x, lay)
+    if use == "triton":
         from gapnet import _ops
 
         logits, maps = _ops.gap_linear(x4, weight, bias, return_maps)
     else:
-        logits = F.linear(x4.mean((2, 3)), weight, bias)
+        logits = F.linear(_mean_hw(x4), weight, bias)
         # the maps are a by-product for CAM and carry no gradient, on every backend
         maps = torch.einsum("kc,nchw->nkhw", weight, x4).detach() if return_maps else None
     if not lay.batched:

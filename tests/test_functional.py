@@ -621,6 +621,40 @@ def test_gradcheck_gap_linear(layout: str, rng: np.random.Generator) -> None:
     )
 
 
+@pytest.mark.parametrize(("layout", "channels_last"), LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", ["global_pool2d", "gap_linear"])
+def test_gap_backward_is_pytorchs_in_the_inputs_layout(
+    op: str, dtype: torch.dtype, layout: str, channels_last: bool, rng: np.random.Generator
+) -> None:
+    """The backward of the mean (`_MeanHW`) writes PyTorch's gradient bit for bit, in one
+    tensor with the input's own strides (no copy left for autograd to make)."""
+    x = make_tensor(rng.standard_normal((3, 4, 5, 6)), layout, dtype, channels_last)
+    mine, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    dims = (-3, -2) if layout.endswith("HWC") else (-2, -1)
+    if op == "gap_linear":
+        w = torch.from_numpy(rng.standard_normal((7, 4))).to(dtype)
+        y, expected = GF.gap_linear(mine, w, layout=layout), theirs.mean(dims) @ w.T
+    else:
+        y, expected = GF.global_pool2d(mine, layout=layout), theirs.mean(dims)
+    g = torch.from_numpy(rng.standard_normal(tuple(y.shape))).to(dtype)
+    y.backward(g)
+    expected.backward(g)
+    assert mine.grad is not None and theirs.grad is not None
+    assert torch.equal(mine.grad, theirs.grad)
+    assert mine.grad.stride() == x.stride()
+
+
+def test_gap_second_derivative_and_vmap(rng: np.random.Generator) -> None:
+    """`_MeanHW` stays differentiable in its backward and has a vmap rule (torch.func)."""
+    x = _distinct_input(rng, "NHWC")
+    gap = lambda t: GF.global_pool2d(t, layout="NHWC") ** 2  # noqa: E731 - a one-line function
+    assert torch.autograd.gradgradcheck(gap, (x,))
+    jacobian = torch.func.jacrev(gap)(x.detach())
+    expected = torch.func.jacrev(lambda t: t.mean((1, 2)) ** 2)(x.detach())
+    torch.testing.assert_close(jacobian, expected)
+
+
 # ----------------------------------------------------------------------------- ties and NaN
 
 NAN = math.nan
@@ -790,8 +824,9 @@ def test_gem_without_autograd_matches_and_keeps_the_input(p: float | torch.Tenso
     np.testing.assert_array_equal(fast.numpy(), with_grad.detach().numpy())
 
 
-def test_cached_windows_tell_bools_from_ints() -> None:
-    """window2d caches by argument; True == 1 must still be refused after kernel_size=1 ran."""
+def test_cached_plans_tell_bools_from_ints() -> None:
+    """Validated calls are kept by argument; True == 1 must still be refused after
+    kernel_size=1 ran, and 2.0 == 2 after kernel_size=2."""
     x = torch.rand(1, 1, 4, 4)
     GF.max_pool2d(x, 1)
     with pytest.raises(TypeError, match="kernel_size must be an int or a pair of ints"):
@@ -799,6 +834,34 @@ def test_cached_windows_tell_bools_from_ints() -> None:
     GF.max_pool2d(x, 1, (1, 1))
     with pytest.raises(TypeError, match="stride must be an int or a pair of ints"):
         GF.max_pool2d(x, 1, (True, 1))
+    GF.avg_pool2d(x, 2)
+    with pytest.raises(TypeError, match="kernel_size must be an int or a pair of ints"):
+        GF.avg_pool2d(x, 2.0)
+
+
+def test_cached_plans_keep_every_check_that_depends_on_the_input() -> None:
+    """A call validated once is remembered per input shape, dtype and layout: an input that
+    differs in any of them is checked again."""
+    x = torch.rand(1, 1, 4, 4)
+    GF.max_pool2d(x, 2)
+    GF.global_pool2d(x)
+    with pytest.raises(TypeError, match="expects a floating-point input"):
+        GF.max_pool2d(x.to(torch.int32), 2)
+    with pytest.raises(ValueError, match="output would be empty"):
+        GF.max_pool2d(x[..., :1], 2)
+    with pytest.raises(ValueError, match="expects a 3-d input"):
+        GF.global_pool2d(x, layout="CHW")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        GF.max_pool2d(x, 2, backend="cuda")
+
+
+def test_plans_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A program that pools ever-new shapes does not grow the plans without end."""
+    monkeypatch.setattr(GF, "_MAX_PLANS", 3)
+    monkeypatch.setattr(GF, "_PLANS", {})
+    for size in range(4, 12):
+        GF.avg_pool2d(torch.rand(1, 1, size, size), 2)
+        assert 1 <= len(GF._PLANS) <= 3
 
 
 # ----------------------------------------------------------------------------- bad input
