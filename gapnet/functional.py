@@ -60,7 +60,9 @@ def _pick_backend(backend: str | None, x: Tensor, op: str, win: Window2d | None 
     if name == "torch":
         return "torch"
     if name == "auto" and not x.is_cuda:
-        return "strided" if win is not None and _strided.prefers(x, op, win) else "torch"
+        if win is None:  # a global op: "strided" stands for its plane means as a matmul
+            return "strided" if _strided.prefers_plane_means(x) else "torch"
+        return "strided" if _strided.prefers(x, op, win) else "torch"
     from gapnet import _ops  # keeps `import gapnet` free of Triton
 
     reason = _ops.unsupported_reason(x, win)
@@ -380,44 +382,51 @@ def _gap_linear_weights(op: str, x4: Tensor, args: tuple) -> None:
 
 
 class _MeanHW(torch.autograd.Function):
-    """``x.mean((2, 3))`` whose backward writes the gradient once, in the input's layout.
+    """`_plane_means` whose backward writes the gradient once, in the input's layout.
 
     PyTorch's backward of mean divides the expanded gradient into a new NCHW-ordered tensor,
     which autograd then copies into a channels_last input's layout: two full-size passes (one
     transposing) where one suffices. Forward+backward on CPU: 1.0-2.2x faster NCHW and
-    1.6-4.3x channels_last (benchmarks/RESULTS.md). Values are PyTorch's bit for bit.
+    1.6-4.3x channels_last (benchmarks/RESULTS.md). Gradients are PyTorch's bit for bit.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor) -> Tensor:  # type: ignore[override]
-        return x.mean((2, 3))
+    def forward(x: Tensor, by_matmul: bool) -> Tensor:  # type: ignore[override]
+        return _plane_means(x, by_matmul)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-        (x,) = inputs
+        x = inputs[0]
         ctx.shape = x.shape
         ctx.channels_last = not x.is_contiguous() and x.is_contiguous(
             memory_format=torch.channels_last
         )
 
     @staticmethod
-    def backward(ctx: Any, gy: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         n, c, h, w = ctx.shape
         share = gy / (h * w)
         # written in memory order, then viewed as NCHW (contiguous(memory_format=...) is not
         # available under vmap)
         if ctx.channels_last:
-            return share[:, None, None, :].expand(n, h, w, c).contiguous().permute(0, 3, 1, 2)
-        return share[:, :, None, None].expand(n, c, h, w).contiguous()
+            gx = share[:, None, None, :].expand(n, h, w, c).contiguous().permute(0, 3, 1, 2)
+        else:
+            gx = share[:, :, None, None].expand(n, c, h, w).contiguous()
+        return gx, None
 
 
-def _mean_hw(x4: Tensor) -> Tensor:
-    """(N, C, H, W) -> (N, C) means, with `_MeanHW`'s backward when a gradient is needed."""
+def _plane_means(x4: Tensor, by_matmul: bool) -> Tensor:
+    return _strided.plane_means(x4) if by_matmul else x4.mean((2, 3))
+
+
+def _mean_hw(x4: Tensor, by_matmul: bool = False) -> Tensor:
+    """(N, C, H, W) -> (N, C) means, with `_MeanHW`'s backward when a gradient is needed;
+    `by_matmul`: as `_strided.plane_means` (the plan chose it: faster there)."""
     if x4.requires_grad and torch.is_grad_enabled():
-        return _MeanHW.apply(x4)  # type: ignore[no-any-return]
-    return x4.mean((2, 3))
+        return _MeanHW.apply(x4, by_matmul)  # type: ignore[no-any-return]
+    return _plane_means(x4, by_matmul)
 
 
 def _torch_global_pool(x4: Tensor, kind: str, p: float | Tensor, eps: float) -> Tensor:
@@ -485,7 +494,7 @@ def global_pool2d(
 
         y = _ops.global_pool2d(x4, kind, p, eps)
     elif kind == "avg":
-        y = _mean_hw(x4)
+        y = _mean_hw(x4, by_matmul=use == "strided")
     else:
         y = _torch_global_pool(x4, kind, p, eps)
     if keepdim or not lay.batched:  # else y is (N, C) already: a no-op reshape costs ~50 us cold
@@ -573,7 +582,7 @@ def gap_linear(
 
         logits, maps = _ops.gap_linear(x4, weight, bias, return_maps)
     else:
-        logits = F.linear(_mean_hw(x4), weight, bias)
+        logits = F.linear(_mean_hw(x4, by_matmul=use == "strided"), weight, bias)
         # the maps are a by-product for CAM and carry no gradient, on every backend
         maps = torch.einsum("kc,nchw->nkhw", weight, x4).detach() if return_maps else None
     if not lay.batched:

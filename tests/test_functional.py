@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gapnet
+from gapnet import _strided
 from gapnet import functional as GF
 from gapnet import reference as ref
 
@@ -621,14 +622,26 @@ def test_gradcheck_gap_linear(layout: str, rng: np.random.Generator) -> None:
     )
 
 
+@pytest.mark.parametrize("matmul", [False, True], ids=["mean", "plane-means-by-matmul"])
 @pytest.mark.parametrize(("layout", "channels_last"), LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("op", ["global_pool2d", "gap_linear"])
 def test_gap_backward_is_pytorchs_in_the_inputs_layout(
-    op: str, dtype: torch.dtype, layout: str, channels_last: bool, rng: np.random.Generator
+    op: str,
+    dtype: torch.dtype,
+    layout: str,
+    channels_last: bool,
+    matmul: bool,
+    rng: np.random.Generator,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The backward of the mean (`_MeanHW`) writes PyTorch's gradient bit for bit, in one
-    tensor with the input's own strides (no copy left for autograd to make)."""
+    tensor with the input's own strides (no copy left for autograd to make); with `matmul`
+    every channels_last float32 input takes the plane means as a matrix product, whatever its
+    size (`_strided.prefers_plane_means`)."""
+    if matmul:
+        monkeypatch.setattr(_strided, "_MEANS_MIN_NUMEL", 0)
+        monkeypatch.setattr(GF, "_PLANS", {})
     x = make_tensor(rng.standard_normal((3, 4, 5, 6)), layout, dtype, channels_last)
     mine, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
     dims = (-3, -2) if layout.endswith("HWC") else (-2, -1)
@@ -638,6 +651,7 @@ def test_gap_backward_is_pytorchs_in_the_inputs_layout(
     else:
         y, expected = GF.global_pool2d(mine, layout=layout), theirs.mean(dims)
     g = torch.from_numpy(rng.standard_normal(tuple(y.shape))).to(dtype)
+    torch.testing.assert_close(y, expected)
     y.backward(g)
     expected.backward(g)
     assert mine.grad is not None and theirs.grad is not None

@@ -517,3 +517,13 @@ def test_prefers_nchw_cpu_and_leaves_the_rest_to_pytorch():
     x = torch.empty(64, 256, 24, 24)
     assert not _strided.prefers(x, "avg_pool2d", window2d("avg_pool2d", (24, 24), 3, 3))
     assert _strided.prefers(x, "avg_pool2d", window2d("avg_pool2d", (24, 24), 2, 2))
+
+
+def test_plane_means_are_the_mean_and_chosen_for_large_channels_last_float32() -> None:
+    x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    torch.testing.assert_close(_strided.plane_means(x), x.mean((2, 3)))
+    assert not _strided.prefers_plane_means(x)  # small: aten's mean wins
+    large = torch.empty(32, 1024, 7, 7)
+    assert _strided.prefers_plane_means(large.to(memory_format=torch.channels_last))
+    assert not _strided.prefers_plane_means(large)  # NCHW: aten's mean wins
+    assert not _strided.prefers_plane_means(large.half().to(memory_format=torch.channels_last))
