@@ -429,22 +429,82 @@ def _mean_hw(x4: Tensor, by_matmul: bool = False) -> Tensor:
     return _plane_means(x4, by_matmul)
 
 
+def _gem(x4: Tensor, p: float | Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """GeM ``mean(clamp(x, eps)^p)^(1/p)`` over H x W, and the mean of powers m it took.
+
+    In float32 for half inputs (x^p overflows float16 from x = 40 on, p = 3), on one clamped
+    copy of x powered in place: a second input-sized allocation costs more than the arithmetic
+    on CPU (1.4-2.4x faster, benchmarks/RESULTS.md).
+    """
+    acc = _strided._acc_dtype(x4.dtype)
+    p_acc = p.detach().to(acc).reshape(()) if isinstance(p, Tensor) else p
+    m = _clamped(x4, eps, acc).pow_(p_acc).mean((2, 3))
+    return m.pow(1.0 / p_acc).to(x4.dtype), m
+
+
+def _clamped(x: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
+    """clamp(x, min=eps) as a new `dtype` tensor in x's memory format, made in one pass."""
+    return x.clamp(min=eps) if x.dtype == dtype else x.to(dtype).clamp_(min=eps)
+
+
+class _GeM(torch.autograd.Function):
+    """`_gem` with its gradients written out: each is one input-sized tensor.
+
+    Autograd through clamp, pow, mean and pow keeps four input-sized tensors alive and makes
+    about as many in the backward; here the backward makes one for x (and, for a learnable p,
+    one more, freed before it returns). Forward+backward on CPU: see benchmarks/RESULTS.md.
+    With y = m^(1/p), m = mean(z^p), z = clamp(x, eps):
+    dy/dx = m^(1/p - 1) z^(p-1) / (H W) where x >= eps (else 0, as clamp's gradient), and
+    dy/dp = y (mean(z^p ln z) / (p m) - ln(m) / p^2).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, p: float | Tensor, eps: float) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        return _gem(x, p, eps)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
+        x, p, eps = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.eps = eps
+        if isinstance(p, Tensor):
+            ctx.p_number = None
+            ctx.save_for_backward(x, output[1], p)
+        else:
+            ctx.p_number = p
+            ctx.save_for_backward(x, output[1])
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor, _gm: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, m, *p_tensor = ctx.saved_tensors
+        acc, eps = m.dtype, ctx.eps
+        p = p_tensor[0].to(acc).reshape(()) if p_tensor else ctx.p_number
+        h, w = x.shape[-2:]
+        gy = gy.to(acc)
+        grad_x = grad_p = None
+        if ctx.needs_input_grad[0]:
+            share = (gy * m.pow(1.0 / p - 1.0) / (h * w))[:, :, None, None]
+            grad = _clamped(x, eps, acc).pow_(p - 1.0).mul_(share)
+            grad_x = grad.masked_fill_(x < eps, 0).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            z = _clamped(x, eps, acc)
+            log_z = z.log()
+            zp_log_z = z.pow_(p).mul_(log_z).mean((2, 3))  # mean(z^p ln z), (N, C)
+            dy_dp = m.pow(1.0 / p) * (zp_log_z / (p * m) - m.log() / p**2)
+            grad_p = (gy * dy_dp).sum().reshape(p_tensor[0].shape).to(p_tensor[0].dtype)
+        return grad_x, grad_p, None
+
+
 def _torch_global_pool(x4: Tensor, kind: str, p: float | Tensor, eps: float) -> Tensor:
     """(N, C, H, W) -> (N, C) or (N, 2C) with PyTorch ops for the kinds other than "avg" (that
     is `_mean_hw`, called directly: a call fewer); max gradients go to the first max."""
-    if kind == "gem":  # in float32: x^p overflows float16 from x = 40 on (p = 3)
-        x_acc = x4.to(_strided._acc_dtype(x4.dtype)).clamp(min=eps)
-        # Without autograd the clamped copy is ours: powering it in place saves an allocation
-        # of the input's size: 1.4-2.4x faster on CPU (benchmarks/RESULTS.md). Not when a
-        # tensor p of another dtype would promote the result (in place cannot).
-        if isinstance(p, Tensor):
-            p_grad, p_same_dtype = p.requires_grad, p.dtype == x_acc.dtype
-        else:
-            p_grad, p_same_dtype = False, True
-        needs_grad = torch.is_grad_enabled() and (x4.requires_grad or p_grad)
-        in_place = not needs_grad and p_same_dtype
-        powered = x_acc.pow_(p) if in_place else x_acc.pow(p)
-        return powered.mean((2, 3)).pow(1.0 / p).to(x4.dtype)
+    if kind == "gem":
+        p_grad = isinstance(p, Tensor) and p.requires_grad
+        if torch.is_grad_enabled() and (x4.requires_grad or p_grad):
+            return _GeM.apply(x4, p, eps)[0]  # type: ignore[no-any-return]
+        return _gem(x4, p, eps)[0]
     # adaptive_max_pool2d, unlike amax, sends a window's whole gradient to one element
     peak = F.adaptive_max_pool2d(x4, 1).flatten(1)
     if kind == "max":

@@ -659,6 +659,33 @@ def test_gap_backward_is_pytorchs_in_the_inputs_layout(
     assert mine.grad.stride() == x.stride()
 
 
+@pytest.mark.parametrize(("layout", "channels_last"), LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gem_gradients_are_autograds_in_the_inputs_layout(
+    dtype: torch.dtype, layout: str, channels_last: bool, rng: np.random.Generator
+) -> None:
+    """`_GeM`'s written-out gradients for x and a learnable p equal autograd's through the
+    formula (zeros below the clamp included), and grad_x has the input's strides."""
+    x_nchw = np.abs(rng.standard_normal((3, 4, 5, 6)))
+    x_nchw[0, 0, :2] = 0.0  # under the clamp: no gradient
+    x = make_tensor(x_nchw, layout, dtype, channels_last)
+    dims = (-3, -2) if layout.endswith("HWC") else (-2, -1)
+    mine, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    p_mine, p_theirs = (torch.tensor(2.5, requires_grad=True) for _ in range(2))
+    y = GF.global_pool2d(mine, "gem", p=p_mine, eps=1e-3, layout=layout)
+    z = theirs.float().clamp(min=1e-3)
+    expected = z.pow(p_theirs).mean(dims).pow(1.0 / p_theirs)
+    g = torch.from_numpy(rng.standard_normal(tuple(y.shape))).to(dtype)
+    y.backward(g)
+    expected.backward(g.float())
+    rtol, atol = TOL[dtype]
+    assert mine.grad is not None and theirs.grad is not None
+    torch.testing.assert_close(mine.grad, theirs.grad, rtol=rtol, atol=atol)
+    torch.testing.assert_close(p_mine.grad, p_theirs.grad)
+    assert mine.grad.stride() == x.stride()
+    assert not mine.grad[x < 1e-3].any()
+
+
 def test_gap_second_derivative_and_vmap(rng: np.random.Generator) -> None:
     """`_MeanHW` stays differentiable in its backward and has a vmap rule (torch.func)."""
     x = _distinct_input(rng, "NHWC")
