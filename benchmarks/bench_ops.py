@@ -243,6 +243,60 @@ def nin_step_ratio() -> str:
     )
 
 
+# ----------------------------------------------------------------------------- per-call cost
+
+
+def call_overhead(device: str) -> str:
+    """Wall time per call on a tiny input, gapnet vs PyTorch, where the Python around the
+    kernel is the whole cost: "hot" back to back, "cold" each call right after a 64 MiB sweep
+    that evicts the CPU caches, as a pooling layer meets them between the big layers of a
+    network (on a GPU: the host's side of a launch)."""
+    x = torch.randn(1, 8, 8, 8, device=device)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    ops = {  # name: (gapnet, PyTorch)
+        "max_pool2d 3x3 s2, channels_last": (
+            lambda: GF.max_pool2d(xcl, 3, 2, 1), lambda: F.max_pool2d(xcl, 3, 2, 1)
+        ),
+        "avg_pool2d 2x2, channels_last": (
+            lambda: GF.avg_pool2d(xcl, 2), lambda: F.avg_pool2d(xcl, 2)
+        ),
+        "global avg pool, NCHW": (lambda: GF.global_pool2d(x), lambda: x.mean((2, 3))),
+    }  # fmt: skip
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sweep = torch.empty(16 * MiB)  # 64 MiB of float32 on the host
+
+    def hot(fn: Callable[[], object], calls: int = 100) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(calls):
+                fn()
+            sync()
+
+        return run
+
+    def cold_times(fns: dict[str, Callable[[], object]], rounds: int = 300) -> dict:
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        order = list(fns.items())
+        for i in range(rounds):
+            for name, fn in order if i % 2 else order[::-1]:
+                sweep.mul_(1.0)
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times[name].append(time.perf_counter() - t0)
+        return {name: statistics.median(ts) for name, ts in times.items()}
+
+    head = ["op (1x8x8x8 input)", "gapnet hot us", "torch hot us", "gapnet cold us",
+            "torch cold us"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, (mine, theirs) in ops.items():
+        hot_s = cpu_times({"gapnet": hot(mine), "torch": hot(theirs)}, budget=1.0)
+        cold_s = cold_times({"gapnet": mine, "torch": theirs})
+        cells = [hot_s["gapnet"] / 100, hot_s["torch"] / 100, cold_s["gapnet"], cold_s["torch"]]
+        lines.append(f"| {name} | " + " | ".join(f"{t * 1e6:.1f}" for t in cells) + " |")
+    return "Per-call cost on a tiny input (`call_overhead`):\n\n" + "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- the table
 
 
@@ -337,6 +391,8 @@ def main() -> None:
                 rows.append(row)
                 print("done", case.label, str(dtype)[6:], row["layout"], flush=True)
     notes = [nin_step_ratio()] if device == "cuda" else []
+    if not args.only:
+        notes.append(call_overhead(device))
     if device == "cuda":
         for r in rows:
             if "gapnet peak MiB" in r:

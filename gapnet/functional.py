@@ -54,8 +54,9 @@ def _check_backend(name: str) -> str:
 
 
 def _pick_backend(backend: str | None, x: Tensor, op: str, win: Window2d | None = None) -> str:
-    """What runs this call: "torch" (PyTorch's op), "strided" (gapnet's composition of
-    strided views, where it was measured faster on CPU) or "triton" (the kernels)."""
+    """What runs this call: "torch" (PyTorch's op), "strided" (gapnet's CPU path where it was
+    measured faster: for window pools strided views, for global ones `_strided.plane_means`)
+    or "triton" (the kernels)."""
     name = _check_backend(_default_backend if backend is None else backend)
     if name == "torch":
         return "torch"
