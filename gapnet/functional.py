@@ -99,12 +99,14 @@ def _from_nchw(y: Tensor, lay: Layout) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- call plans
-# Validating a call and choosing its backend runs a dozen small Python functions, and right
-# after a pooling op has swept the CPU caches that code runs cold: on the 2-core VM of
-# benchmarks/RESULTS.md it took ~100 us per max_pool2d call, where all of F.max_pool2d's Python
-# took ~35 us, and it made ops that run PyTorch's very kernel 3-8 % slower than PyTorch. So a
-# call is validated once per signature (op, arguments, input shape, dtype, device, contiguity,
-# grad need, layout, backend) and its outcome kept: the next such call is one dict lookup.
+# Validating a call and choosing its backend runs a dozen small Python functions, and when a
+# pooling layer follows a big op that swept the CPU caches, that code runs cold: a max_pool2d
+# call on a tiny input took 96-106 us against PyTorch's 24-28 us (`call_overhead` in
+# benchmarks/bench_ops.py, on the 2-core VM of benchmarks/RESULTS.md), enough to make ops that
+# run PyTorch's very kernel several % slower than PyTorch. So a call is validated once per
+# signature (op, arguments, input shape, dtype, device, contiguity, grad need, layout, backend)
+# and its outcome kept: the next such call is one dict lookup (+30-55 us over PyTorch cold).
+# The key leaves out channels_last-ness: every choice stays correct for any strides.
 
 
 class _Plan(NamedTuple):
@@ -387,8 +389,8 @@ class _MeanHW(torch.autograd.Function):
 
     PyTorch's backward of mean divides the expanded gradient into a new NCHW-ordered tensor,
     which autograd then copies into a channels_last input's layout: two full-size passes (one
-    transposing) where one suffices. Forward+backward on CPU: 1.0-2.2x faster NCHW and
-    1.6-4.3x channels_last (benchmarks/RESULTS.md). Gradients are PyTorch's bit for bit.
+    transposing) where one suffices: GAP forward+backward 1.4-2.3x faster on CPU, either layout
+    (benchmarks/RESULTS.md). Gradients are PyTorch's bit for bit.
     """
 
     generate_vmap_rule = True
@@ -435,7 +437,7 @@ def _gem(x4: Tensor, p: float | Tensor, eps: float) -> tuple[Tensor, Tensor]:
 
     In float32 for half inputs (x^p overflows float16 from x = 40 on, p = 3), on one clamped
     copy of x powered in place: a second input-sized allocation costs more than the arithmetic
-    on CPU (1.4-2.4x faster, benchmarks/RESULTS.md).
+    on CPU (GeM inference 1.2-3.4x faster than PyTorch's formula, benchmarks/RESULTS.md).
     """
     acc = _strided._acc_dtype(x4.dtype)
     p_acc = p.detach().to(acc).reshape(()) if isinstance(p, Tensor) else p
