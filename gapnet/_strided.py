@@ -883,8 +883,7 @@ def prefers_plane_means(x4: Tensor) -> bool:
         x4.device.type == "cpu"
         and x4.dtype == torch.float32
         and x4.numel() >= _MEANS_MIN_NUMEL
-        and not x4.is_contiguous()
-        and x4.is_contiguous(memory_format=torch.channels_last)
+        and _is_channels_last(x4)  # by strides: vmap cannot answer is_contiguous(memory_format)
     )
 
 

@@ -104,9 +104,8 @@ def _from_nchw(y: Tensor, lay: Layout) -> Tensor:
 # call on a tiny input took 96-106 us against PyTorch's 24-28 us (`call_overhead` in
 # benchmarks/bench_ops.py, on the 2-core VM of benchmarks/RESULTS.md), enough to make ops that
 # run PyTorch's very kernel several % slower than PyTorch. So a call is validated once per
-# signature (op, arguments, input shape, dtype, device, contiguity, grad need, layout, backend)
+# signature (op, arguments, input shape, strides, dtype, device, grad need, layout, backend)
 # and its outcome kept: the next such call is one dict lookup (+30-55 us over PyTorch cold).
-# The key leaves out channels_last-ness: every choice stays correct for any strides.
 
 
 class _Plan(NamedTuple):
@@ -117,6 +116,10 @@ class _Plan(NamedTuple):
 
 _PLANS: dict[tuple, _Plan] = {}
 _MAX_PLANS = 4096  # a bound for programs that pool ever-new shapes; refilling is cheap
+# Arguments that may key a plan: their value (or, for `typed` ops, their repr) says all that
+# validation looks at. Anything else (a list, a generator, whose repr holds an address) is
+# validated on every call.
+_PLAIN_TYPES = frozenset({int, float, bool, str, type(None), tuple, torch.Size})
 _is_compiling = torch.compiler.is_compiling  # bound once: a cold lookup chain costs ~15 us
 
 
@@ -140,12 +143,16 @@ def _plan(
     if not isinstance(x, Tensor):
         raise TypeError(f"{op} expects a torch.Tensor, got {type(x).__name__}")
     name = _default_backend if backend is None else backend
-    if _is_compiling():  # shapes may be symbolic, and Dynamo traces the checks themselves
+    # under torch.compile shapes may be symbolic, and Dynamo traces the checks themselves
+    if _is_compiling() or not _PLAIN_TYPES.issuperset(map(type, args)):
         return _new_plan(op, x, layout, name, args, resolve)
     grad = x.requires_grad and torch.is_grad_enabled()
     by = repr(args) if typed else args
-    key = (op, by, layout, name, x.shape, x.dtype, x.device, x.is_contiguous(), grad)
-    plan = _PLANS.get(key)
+    key = (op, by, layout, name, x.shape, x.stride(), x.dtype, x.device, grad)
+    try:
+        plan = _PLANS.get(key)
+    except TypeError:  # an unhashable layout or backend: validation names what is wrong
+        return _new_plan(op, x, layout, name, args, resolve)
     if plan is None:
         plan = _new_plan(op, x, layout, name, args, resolve)
         # under TRITON_INTERPRET a CPU tensor's "triton" depends on the environment: not kept
@@ -390,7 +397,8 @@ class _MeanHW(torch.autograd.Function):
     PyTorch's backward of mean divides the expanded gradient into a new NCHW-ordered tensor,
     which autograd then copies into a channels_last input's layout: two full-size passes (one
     transposing) where one suffices: GAP forward+backward 1.4-2.3x faster on CPU, either layout
-    (benchmarks/RESULTS.md). Gradients are PyTorch's bit for bit.
+    (benchmarks/RESULTS.md). Gradients are PyTorch's bit for bit; the backward is out of place
+    (so differentiable again), and forward mode and torch.func transforms work.
     """
 
     generate_vmap_rule = True
@@ -403,9 +411,8 @@ class _MeanHW(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
         x = inputs[0]
         ctx.shape = x.shape
-        ctx.channels_last = not x.is_contiguous() and x.is_contiguous(
-            memory_format=torch.channels_last
-        )
+        # by strides: torch.func.vmap cannot answer is_contiguous(memory_format=...)
+        ctx.channels_last = _strided._is_channels_last(x)
 
     @staticmethod
     def backward(ctx: Any, gy: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
@@ -419,6 +426,10 @@ class _MeanHW(torch.autograd.Function):
             gx = share[:, :, None, None].expand(n, c, h, w).contiguous()
         return gx, None
 
+    @staticmethod
+    def jvp(ctx: Any, x_t: Tensor, _by_matmul_t: None) -> Tensor:
+        return x_t.mean((2, 3))
+
 
 def _plane_means(x4: Tensor, by_matmul: bool) -> Tensor:
     return _strided.plane_means(x4) if by_matmul else x4.mean((2, 3))
@@ -426,23 +437,32 @@ def _plane_means(x4: Tensor, by_matmul: bool) -> Tensor:
 
 def _mean_hw(x4: Tensor, by_matmul: bool = False) -> Tensor:
     """(N, C, H, W) -> (N, C) means, with `_MeanHW`'s backward when a gradient is needed;
-    `by_matmul`: as `_strided.plane_means` (the plan chose it: faster there)."""
-    if x4.requires_grad and torch.is_grad_enabled():
+    `by_matmul`: as `_strided.plane_means` (the plan chose it: faster there).
+
+    Not under torch.compile: Dynamo cannot trace a Function with a jvp, and Inductor fuses
+    the mean's backward by itself.
+    """
+    if x4.requires_grad and torch.is_grad_enabled() and not _is_compiling():
         return _MeanHW.apply(x4, by_matmul)  # type: ignore[no-any-return]
     return _plane_means(x4, by_matmul)
 
 
-def _gem(x4: Tensor, p: float | Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """GeM ``mean(clamp(x, eps)^p)^(1/p)`` over H x W, and the mean of powers m it took.
+def _gem(x4: Tensor, p: float | Tensor, eps: float) -> Tensor:
+    """GeM ``mean(clamp(x, eps)^p)^(1/p)`` over H x W, (N, C), in the accumulation dtype.
 
     In float32 for half inputs (x^p overflows float16 from x = 40 on, p = 3), on one clamped
     copy of x powered in place: a second input-sized allocation costs more than the arithmetic
     on CPU (GeM inference 1.2-3.4x faster than PyTorch's formula, benchmarks/RESULTS.md).
     """
     acc = _strided._acc_dtype(x4.dtype)
-    p_acc = p.detach().to(acc).reshape(()) if isinstance(p, Tensor) else p
-    m = _clamped(x4, eps, acc).pow_(p_acc).mean((2, 3))
-    return m.pow(1.0 / p_acc).to(x4.dtype), m
+    p_acc = _p_as(p, acc)
+    return _clamped(x4, eps, acc).pow_(p_acc).mean((2, 3)).pow_(1.0 / p_acc)
+
+
+def _p_as(p: float | Tensor, dtype: torch.dtype) -> float | Tensor:
+    """GeM's p as a number, or a 0-d tensor of `dtype` (a (1,) tensor of another dtype would
+    promote the powers, and an in-place power cannot)."""
+    return p.to(dtype).reshape(()) if isinstance(p, Tensor) else p
 
 
 def _clamped(x: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
@@ -451,53 +471,72 @@ def _clamped(x: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
 
 
 class _GeM(torch.autograd.Function):
-    """`_gem` with its gradients written out: each is one input-sized tensor.
+    """`_gem` with its derivatives written out, so that each gradient is one new tensor.
 
     Autograd through clamp, pow, mean and pow keeps four input-sized tensors alive and makes
-    about as many in the backward; here the backward makes one for x (and, for a learnable p,
-    one more, freed before it returns). Forward+backward on CPU: see benchmarks/RESULTS.md.
-    With y = m^(1/p), m = mean(z^p), z = clamp(x, eps):
-    dy/dx = m^(1/p - 1) z^(p-1) / (H W) where x >= eps (else 0, as clamp's gradient), and
-    dy/dp = y (mean(z^p ln z) / (p m) - ln(m) / p^2).
+    about as many in the backward: GeM forward+backward here is 1.6-2.9x faster on CPU
+    (benchmarks/RESULTS.md). With y = m^(1/p), m = mean(z^p), z = clamp(x, eps), mask x >= eps
+    (clamp's gradient):
+    dy/dx = m^(1/p - 1) z^(p-1) mask / (H W),  dy/dp = y (mean(z^p ln z) / (p m) - ln(m) / p^2).
+    While a graph is recorded (create_graph=True, torch.func) the backward runs out of place,
+    so that higher derivatives exist; forward mode has the same formulas in `jvp`.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor, p: float | Tensor, eps: float) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(x: Tensor, p: float | Tensor, eps: float) -> Tensor:  # type: ignore[override]
         return _gem(x, p, eps)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
         x, p, eps = inputs
-        ctx.mark_non_differentiable(output[1])
-        ctx.eps = eps
-        if isinstance(p, Tensor):
-            ctx.p_number = None
-            ctx.save_for_backward(x, output[1], p)
-        else:
-            ctx.p_number = p
-            ctx.save_for_backward(x, output[1])
+        ctx.eps, ctx.p_number = eps, None if isinstance(p, Tensor) else p
+        saved = (x, output, p) if isinstance(p, Tensor) else (x, output)
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
 
     @staticmethod
-    def backward(ctx: Any, gy: Tensor, _gm: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, m, *p_tensor = ctx.saved_tensors
-        acc, eps = m.dtype, ctx.eps
-        p = p_tensor[0].to(acc).reshape(()) if p_tensor else ctx.p_number
-        h, w = x.shape[-2:]
-        gy = gy.to(acc)
+    def _unpack(ctx: Any) -> tuple[Tensor, Tensor, float | Tensor, Tensor]:
+        """x, y, p (in y's dtype) and m = y^p, from what setup_context saved."""
+        x, y, *p_tensor = ctx.saved_tensors
+        p = _p_as(p_tensor[0], y.dtype) if p_tensor else ctx.p_number
+        return x, y, p, y.pow(p)
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, y, p, m = _GeM._unpack(ctx)
+        acc, eps, (h, w) = y.dtype, ctx.eps, x.shape[-2:]
+        in_place = not torch.is_grad_enabled()  # else a graph of this backward is recorded
         grad_x = grad_p = None
         if ctx.needs_input_grad[0]:
             share = (gy * m.pow(1.0 / p - 1.0) / (h * w))[:, :, None, None]
-            grad = _clamped(x, eps, acc).pow_(p - 1.0).mul_(share)
-            grad_x = grad.masked_fill_(x < eps, 0).to(x.dtype)
+            z = _clamped(x, eps, acc)
+            if in_place:
+                grad_x = z.pow_(p - 1.0).mul_(share).masked_fill_(x < eps, 0).to(x.dtype)
+            else:
+                grad_x = (z.pow(p - 1.0) * share * (x >= eps)).to(x.dtype)
         if ctx.needs_input_grad[1]:
             z = _clamped(x, eps, acc)
             log_z = z.log()
-            zp_log_z = z.pow_(p).mul_(log_z).mean((2, 3))  # mean(z^p ln z), (N, C)
-            dy_dp = m.pow(1.0 / p) * (zp_log_z / (p * m) - m.log() / p**2)
-            grad_p = (gy * dy_dp).sum().reshape(p_tensor[0].shape).to(p_tensor[0].dtype)
+            zp_log_z = z.pow_(p).mul_(log_z) if in_place else z.pow(p) * log_z
+            dy_dp = y * (zp_log_z.mean((2, 3)) / (p * m) - m.log() / p**2)
+            p_in = ctx.saved_tensors[2]
+            grad_p = (gy * dy_dp).sum().reshape(p_in.shape).to(p_in.dtype)
         return grad_x, grad_p, None
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: Tensor | None, p_t: Tensor | None, _eps_t: None) -> Tensor:
+        x, y, p, m = _GeM._unpack(ctx)
+        acc, eps = y.dtype, ctx.eps
+        z = _clamped(x, eps, acc)
+        dm = torch.zeros_like(y)
+        if x_t is not None:
+            dm = dm + p * (z.pow(p - 1.0) * (x >= eps) * x_t.to(acc)).mean((2, 3))
+        if p_t is not None:
+            dp = p_t.to(acc).reshape(())
+            dm = dm + (z.pow(p) * z.log()).mean((2, 3)) * dp - m * m.log() * dp / p
+        return y * dm / (p * m)
 
 
 def _torch_global_pool(x4: Tensor, kind: str, p: float | Tensor, eps: float) -> Tensor:
@@ -505,9 +544,14 @@ def _torch_global_pool(x4: Tensor, kind: str, p: float | Tensor, eps: float) -> 
     is `_mean_hw`, called directly: a call fewer); max gradients go to the first max."""
     if kind == "gem":
         p_grad = isinstance(p, Tensor) and p.requires_grad
-        if torch.is_grad_enabled() and (x4.requires_grad or p_grad):
-            return _GeM.apply(x4, p, eps)[0]  # type: ignore[no-any-return]
-        return _gem(x4, p, eps)[0]
+        if not (torch.is_grad_enabled() and (x4.requires_grad or p_grad)):
+            return _gem(x4, p, eps).to(x4.dtype)
+        if _is_compiling():  # as in _mean_hw: the formula, which Inductor fuses by itself
+            acc = _strided._acc_dtype(x4.dtype)
+            p_acc = _p_as(p, acc)
+            powers = _clamped(x4, eps, acc).pow(p_acc)
+            return powers.mean((2, 3)).pow(1.0 / p_acc).to(x4.dtype)
+        return _GeM.apply(x4, p, eps).to(x4.dtype)  # type: ignore[no-any-return]
     # adaptive_max_pool2d, unlike amax, sends a window's whole gradient to one element
     peak = F.adaptive_max_pool2d(x4, 1).flatten(1)
     if kind == "max":

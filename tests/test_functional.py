@@ -686,14 +686,49 @@ def test_gem_gradients_are_autograds_in_the_inputs_layout(
     assert not mine.grad[x < 1e-3].any()
 
 
-def test_gap_second_derivative_and_vmap(rng: np.random.Generator) -> None:
-    """`_MeanHW` stays differentiable in its backward and has a vmap rule (torch.func)."""
+def _formula(kind: str, t: torch.Tensor, p: float | torch.Tensor = 3.0) -> torch.Tensor:
+    """What global_pool2d(t, kind, layout="NHWC") computes, in plain autograd ops."""
+    if kind == "avg":
+        return t.mean((1, 2))
+    return t.clamp(min=1e-6).pow(p).mean((1, 2)).pow(1.0 / p)
+
+
+@pytest.mark.parametrize("kind", ["avg", "gem"])
+def test_global_pool_derivatives_of_every_order_and_mode(
+    kind: str, rng: np.random.Generator
+) -> None:
+    """`_MeanHW` and `_GeM` (their own backward and jvp) against autograd through the formula:
+    second derivatives (create_graph), a learnable p, torch.func's jacrev, jvp and hessian,
+    forward-mode AD, and vmap over channels_last samples."""
     x = _distinct_input(rng, "NHWC")
-    gap = lambda t: GF.global_pool2d(t, layout="NHWC") ** 2  # noqa: E731 - a one-line function
-    assert torch.autograd.gradgradcheck(gap, (x,))
-    jacobian = torch.func.jacrev(gap)(x.detach())
-    expected = torch.func.jacrev(lambda t: t.mean((1, 2)) ** 2)(x.detach())
-    torch.testing.assert_close(jacobian, expected)
+    p = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+
+    def mine(t: torch.Tensor, p: float | torch.Tensor = 3.0) -> torch.Tensor:
+        return GF.global_pool2d(t, kind, p=p, layout="NHWC") ** 2
+
+    def theirs(t: torch.Tensor, p: float | torch.Tensor = 3.0) -> torch.Tensor:
+        return _formula(kind, t, p) ** 2
+
+    assert torch.autograd.gradgradcheck(mine, (x,))
+    if kind == "gem":
+        assert torch.autograd.gradgradcheck(mine, (x, p))
+    x0 = x.detach()
+    for transform in (torch.func.jacrev, torch.func.jacfwd, torch.func.hessian):
+        torch.testing.assert_close(transform(mine)(x0), transform(theirs)(x0))
+    tangent = torch.from_numpy(rng.standard_normal(tuple(x.shape)))
+    torch.testing.assert_close(
+        torch.func.jvp(mine, (x0,), (tangent,)), torch.func.jvp(theirs, (x0,), (tangent,))
+    )
+    with torch.autograd.forward_ad.dual_level():  # a primal that requires grad too
+        dual = torch.autograd.forward_ad.make_dual(x, tangent)
+        got = torch.autograd.forward_ad.unpack_dual(mine(dual)).tangent
+    torch.testing.assert_close(got, torch.func.jvp(theirs, (x0,), (tangent,))[1])
+    # three NHWC samples: each one's NCHW view is channels_last, whose strides vmap must read
+    samples = x0 + torch.arange(3.0, dtype=x0.dtype)[:, None, None, None, None]
+    per_sample = torch.func.vmap(torch.func.grad(lambda t: mine(t).sum()))(samples)
+    torch.testing.assert_close(
+        per_sample, torch.func.vmap(torch.func.grad(lambda t: theirs(t).sum()))(samples)
+    )
 
 
 # ----------------------------------------------------------------------------- ties and NaN
@@ -894,6 +929,19 @@ def test_cached_plans_keep_every_check_that_depends_on_the_input() -> None:
         GF.global_pool2d(x, layout="CHW")
     with pytest.raises(ValueError, match="backend must be one of"):
         GF.max_pool2d(x, 2, backend="cuda")
+
+
+def test_plans_never_key_on_what_repr_cannot_tell_apart() -> None:
+    """A generator's repr holds its address, which a later generator may reuse: such arguments
+    are validated on every call; unhashable ones get the validation error, not a TypeError
+    about hashing."""
+    x = torch.rand(1, 1, 8, 8)
+    for k in (2, 4, 2, 4):
+        assert GF.max_pool2d(x, (v for v in (k, k))).shape == (1, 1, 8 // k, 8 // k)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        GF.global_pool2d(x, layout=["NCHW"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="backend must be one of"):
+        GF.max_pool2d(x, 2, backend=["torch"])  # type: ignore[arg-type]
 
 
 def test_plans_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
