@@ -58,7 +58,8 @@ def pytorch_op(case: Case, x: torch.Tensor, extra: dict) -> torch.Tensor:
         if kind == "catavgmax":
             return torch.cat((x.mean((2, 3)), F.adaptive_max_pool2d(x, 1).flatten(1)), 1)
         if kind == "gem":
-            return x.clamp(min=1e-6).pow(3.0).mean((2, 3)).pow(1.0 / 3.0)
+            p = extra.get("p", 3.0)
+            return x.clamp(min=1e-6).pow(p).mean((2, 3)).pow(1.0 / p)
         raise ValueError(kind)
     if case.op == "gap_linear":
         return F.linear(x.mean((2, 3)), extra["weight"], extra["bias"])
@@ -79,6 +80,8 @@ def gapnet_op(case: Case, x: torch.Tensor, extra: dict) -> torch.Tensor:
     if case.op == "gap_linear":
         return GF.gap_linear(x, extra["weight"], extra["bias"])
     a.pop("num_classes", None)
+    if a.pop("learnable_p", False):
+        a["p"] = extra["p"]
     return getattr(GF, case.op)(x, **a)
 
 
@@ -95,6 +98,8 @@ def make_input(case: Case, dtype: torch.dtype, channels_last: bool, device: str)
         k, c = case.args["num_classes"], case.shape[1]
         extra["weight"] = torch.randn(k, c, generator=gen, device=device).to(dtype) / c**0.5
         extra["bias"] = torch.randn(k, generator=gen, device=device).to(dtype)
+    if case.args.get("learnable_p"):  # GeM's p as gapnet.nn.GeM and timm train it
+        extra["p"] = torch.tensor(3.0, device=device, requires_grad=True)
     return x, extra
 
 
@@ -106,6 +111,11 @@ def floor_bytes(case: Case, x: torch.Tensor, y: torch.Tensor, backward: bool) ->
     if backward and case.args.get("kind") == "gem":
         moved += x.numel() * x.element_size()  # the gradient reads x too
     return moved
+
+
+def grad_inputs(xg: torch.Tensor, extra: dict) -> tuple[torch.Tensor, ...]:
+    """What a backward differentiates: the input, and GeM's p where it is learnt."""
+    return (xg, extra["p"]) if "p" in extra else (xg,)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -165,7 +175,8 @@ def time_impl(case, op, x, extra, device, bandwidth) -> dict:
         out["fwd"] = gpu_time(fwd, graph=False)
         if x.numel() * x.element_size() < 32 * MiB:  # launch-bound: also the GPU time alone
             out["fwd graph"] = gpu_time(fwd, graph=True)
-    out["bwd"] = gpu_time(lambda: torch.autograd.grad(y, xg, g, retain_graph=True), graph=False)
+    wrt = grad_inputs(xg, extra)
+    out["bwd"] = gpu_time(lambda: torch.autograd.grad(y, wrt, g, retain_graph=True), graph=False)
     for part in ("fwd", "bwd"):
         out[f"{part} frac"] = floor_bytes(case, x, y, part == "bwd") / bandwidth / out[part]
     if case.op == "max_pool2d":
@@ -184,7 +195,7 @@ def cpu_row(case: Case, impls: dict, x: torch.Tensor, extra: dict) -> dict:
     g = torch.randn_like(pytorch_op(case, x, extra))
     fwd = {name: (lambda op=op: op(case, x, extra)) for name, op in impls.items()}
     both = {
-        name: (lambda op=op: torch.autograd.grad(op(case, xg, extra), xg, g))
+        name: (lambda op=op: torch.autograd.grad(op(case, xg, extra), grad_inputs(xg, extra), g))
         for name, op in impls.items()
     }
     row = {}

@@ -24,6 +24,13 @@ GPU_CASES = [
     # the same batch through timm's catavgmax and GeM heads (two statistics, a pow and a log)
     Case("resnet50 head catavgmax", "global_pool2d", (256, 2048, 7, 7), {"kind": "catavgmax"}),
     Case("resnet50 head gem", "global_pool2d", (256, 2048, 7, 7), {"kind": "gem"}),
+    # GeM as gapnet.nn.GeM and timm train it: p is a parameter, its gradient computed too
+    Case(
+        "resnet50 head gem learnable p",
+        "global_pool2d",
+        (256, 2048, 7, 7),
+        {"kind": "gem", "learnable_p": True},
+    ),
     # EfficientNet-B0's head, batch 128
     Case("efficientnet-b0 head", "global_pool2d", (128, 1280, 7, 7), {"kind": "avg"}),
     # a GAP on a large early map (ResNet stage 1, 56x56): long planes
@@ -70,6 +77,12 @@ GPU_CASES = [
 CPU_CASES = [
     Case("resnet50 head b32", "global_pool2d", (32, 2048, 7, 7), {"kind": "avg"}),
     Case("resnet50 head b32 gem", "global_pool2d", (32, 2048, 7, 7), {"kind": "gem"}),
+    Case(
+        "resnet50 head b32 gem learnable p",
+        "global_pool2d",
+        (32, 2048, 7, 7),
+        {"kind": "gem", "learnable_p": True},
+    ),
     Case(
         "resnet stem maxpool b8",
         "max_pool2d",
