@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--no-save", action="store_true", help="don't append to RESULTS.md")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA GPU here")
     rows = []
     for name, head, overrides in MODELS:
         model = create(name, head=head, **overrides).to(args.device).eval()
