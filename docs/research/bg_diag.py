@@ -4,7 +4,7 @@ sys.path.insert(0, "docs/research")
 import harness as H
 torch.set_num_threads(1)
 for path in sys.argv[1:]:
-    ck = torch.load(path); m = H.build(ck["spec"]); m.load_state_dict(ck["state"]); m.eval()
+    m = H.load(path)
     with torch.no_grad():
         maps = m.class_maps(torch.zeros(1, 1, 112, 112))[0]  # (K, 28, 28)
         if hasattr(m.head, "fc"):

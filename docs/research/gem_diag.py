@@ -3,7 +3,7 @@ sys.path.insert(0, "docs/research")
 import harness as H
 torch.set_num_threads(1)
 for path in sys.argv[1:]:
-    ck = torch.load(path); m = H.build(ck["spec"]); m.load_state_dict(ck["state"]); m.eval()
+    m = H.load(path)
     with torch.no_grad():
         f = m.forward_features(torch.zeros(1, 1, 112, 112))[0]  # (C, 28, 28)
         inner = f[:, 14, 14]

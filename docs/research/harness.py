@@ -144,6 +144,13 @@ def run(spec, threads=2, quiet=False):
         print(json.dumps(res), flush=True)
     return res, model
 
+def load(path):
+    """A model `run` saved (runs/research/models/*.pt), rebuilt from its spec, in eval mode."""
+    ck = torch.load(path)
+    model = build(ck["spec"])
+    model.load_state_dict(ck["state"])
+    return model.eval()
+
 @torch.no_grad()
 def acc(model, x, y, bs=250):
     model.eval()
