@@ -53,11 +53,11 @@ def _check_backend(name: str) -> str:
     return name
 
 
-def _pick_backend(backend: str | None, x: Tensor, op: str, win: Window2d | None = None) -> str:
-    """What runs this call: "torch" (PyTorch's op), "strided" (gapnet's CPU path where it was
-    measured faster: for window pools strided views, for global ones `_strided.plane_means`)
-    or "triton" (the kernels)."""
-    name = _check_backend(_default_backend if backend is None else backend)
+def _pick_backend(backend: str, x: Tensor, op: str, win: Window2d | None) -> str:
+    """What runs this call of `backend` (the default already put in for None): "torch"
+    (PyTorch's op), "strided" (gapnet's CPU path where it was measured faster: for window pools
+    strided views, for global ones `_strided.plane_means`) or "triton" (the kernels)."""
+    name = _check_backend(backend)
     if name == "torch":
         return "torch"
     if name == "auto" and not x.is_cuda:
@@ -436,7 +436,7 @@ def _plane_means(x4: Tensor, by_matmul: bool) -> Tensor:
     return _strided.plane_means(x4) if by_matmul else x4.mean((2, 3))
 
 
-def _mean_hw(x4: Tensor, by_matmul: bool = False) -> Tensor:
+def _mean_hw(x4: Tensor, by_matmul: bool) -> Tensor:
     """(N, C, H, W) -> (N, C) means, with `_MeanHW`'s backward when a gradient is needed;
     `by_matmul`: as `_strided.plane_means` (the plan chose it: faster there).
 
@@ -448,16 +448,20 @@ def _mean_hw(x4: Tensor, by_matmul: bool = False) -> Tensor:
     return _plane_means(x4, by_matmul)
 
 
-def _gem(x4: Tensor, p: float | Tensor, eps: float) -> Tensor:
+def _gem(x4: Tensor, p: float | Tensor, eps: float, in_place: bool = True) -> Tensor:
     """GeM ``mean(clamp(x, eps)^p)^(1/p)`` over H x W, (N, C), in the accumulation dtype.
 
     In float32 for half inputs (x^p overflows float16 from x = 40 on, p = 3), on one clamped
     copy of x powered in place: a second input-sized allocation costs more than the arithmetic
     on CPU (GeM inference 1.2-3.4x faster than PyTorch's formula, benchmarks/RESULTS.md).
+    Not `in_place` where autograd records the ops (each keeps its input for the backward).
     """
     acc = _strided._acc_dtype(x4.dtype)
     p_acc = _p_as(p, acc)
-    return _clamped(x4, eps, acc).pow_(p_acc).mean((2, 3)).pow_(1.0 / p_acc)
+    z = _clamped(x4, eps, acc)
+    if not in_place:
+        return z.pow(p_acc).mean((2, 3)).pow(1.0 / p_acc)
+    return z.pow_(p_acc).mean((2, 3)).pow_(1.0 / p_acc)
 
 
 def _p_as(p: float | Tensor, dtype: torch.dtype) -> float | Tensor:
@@ -548,10 +552,7 @@ def _torch_global_pool(x4: Tensor, kind: str, p: float | Tensor, eps: float) -> 
         if not (torch.is_grad_enabled() and (x4.requires_grad or p_grad)):
             return _gem(x4, p, eps).to(x4.dtype)
         if _is_compiling():  # as in _mean_hw: the formula, which Inductor fuses by itself
-            acc = _strided._acc_dtype(x4.dtype)
-            p_acc = _p_as(p, acc)
-            powers = _clamped(x4, eps, acc).pow(p_acc)
-            return powers.mean((2, 3)).pow(1.0 / p_acc).to(x4.dtype)
+            return _gem(x4, p, eps, in_place=False).to(x4.dtype)
         return _GeM.apply(x4, p, eps).to(x4.dtype)  # type: ignore[no-any-return]
     # adaptive_max_pool2d, unlike amax, sends a window's whole gradient to one element
     peak = F.adaptive_max_pool2d(x4, 1).flatten(1)
