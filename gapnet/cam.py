@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gapnet import data as _data
+from gapnet.checkpoint import atomic_write
 from gapnet.models import FC_HEADS, GapNet, eval_mode
 
 # choose_threshold's default candidates: 0.05 apart where CAM boxes are good, coarser above
@@ -498,12 +499,11 @@ def save_png(img: Any, path: str | os.PathLike[str]) -> Path:
         ...     Image.open(save_png(Image.new("RGB", (5, 3)), Path(d) / "a.png")).size
         (5, 3)
     """
-    from gapnet.train import _atomic_write
 
     target = Path(path)
     png = io.BytesIO()
     img.save(png, format="PNG")
-    _atomic_write(target, png.getvalue())
+    atomic_write(target, png.getvalue())
     return target
 
 

@@ -28,12 +28,6 @@ EXIT_USAGE = 2  # a user mistake: bad argument, missing or unreadable file, impo
 EXIT_ENV = 1  # something missing from the installation (an optional dependency)
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 
-# predict/cam: an image whose border is mostly bright is taken as dark-on-light and inverted
-# for 1-channel models (trained on light strokes on a dark background, as MNIST).
-BORDER_FRACTION = 0.1  # width of the border band, as a fraction of the shorter side (>= 1 px)
-BRIGHT = 0.5  # a border pixel brighter than this counts as bright
-MOSTLY = 0.5  # invert when more than this fraction of the border pixels is bright
-
 
 class UsageError(Exception):
     """A user mistake: `main` prints its message on one line and exits with status 2."""
@@ -118,69 +112,13 @@ def _pair(text: str) -> tuple[int, int]:
 # --------------------------------------------------------------------------- images
 
 
-def read_image(path: str, in_chans: int, invert: str = "auto") -> tuple[Any, dict[str, Any]]:
-    """Read an image file of any size and mode as a model input in [0, 1].
+def _read_image(path: str, in_chans: int, invert: str) -> tuple[Any, Any]:
+    """`gapnet.data.read_image` of a file named on the command line (errors: exit status 2)."""
+    from gapnet import data
 
-    Converted to L (gray) for 1-channel models and RGB for 3-channel ones; transparent pixels
-    are composited over white first. For 1-channel models (trained on light strokes on a dark
-    background, as MNIST) an image whose border is mostly bright is taken to be dark-on-light
-    and is inverted (``invert="auto"``; "yes" and "no" force it): more than `MOSTLY` of the
-    pixels in the outer band (`BORDER_FRACTION` of the shorter side, at least 1 px) brighter
-    than `BRIGHT`.
-
-    Args:
-        path: the image file.
-        in_chans: the model's input channels, 1 or 3.
-        invert: "auto", "yes" or "no".
-
-    Returns:
-        the image as a float tensor (C, H, W), and facts about it: size (W, H), mode, inverted.
-
-    Raises:
-        UsageError: the file is missing or not a readable image (the message names it).
-    """
-    import numpy as np
-    import torch
-    from PIL import Image, UnidentifiedImageError
-
-    p = Path(path)
-    if not p.exists():
-        raise UsageError(f"image {path!r} not found")
-    if not p.is_file():
-        raise UsageError(f"image {path!r} is not a file")
     if in_chans not in (1, 3):
         raise UsageError(f"images can feed 1- or 3-channel models, this one has {in_chans}")
-    try:
-        with Image.open(p) as im:
-            im.load()
-            mode, size = im.mode, im.size
-            if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                im = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-            im = im.convert("L" if in_chans == 1 else "RGB")
-            arr = np.asarray(im, dtype=np.float32) / 255.0  # (H, W) or (H, W, 3)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise UsageError(f"cannot read image {path!r}: {e}") from None
-    x = torch.from_numpy(arr.copy())
-    x = x[None] if x.dim() == 2 else x.permute(2, 0, 1).contiguous()  # (C, H, W)
-    bright = _border_bright(x)
-    inverted = invert == "yes" or (invert == "auto" and in_chans == 1 and bright > MOSTLY)
-    if inverted:
-        x = 1.0 - x
-    return x, {"size": list(size), "mode": mode, "inverted": inverted, "border_bright": bright}
-
-
-def _border_bright(x: Any) -> float:
-    """Fraction of the pixels in the image's outer band that are bright (channel mean)."""
-    gray = x.mean(0)  # (H, W)
-    h, w = gray.shape
-    b = max(1, round(BORDER_FRACTION * min(h, w)))
-    inner = gray[b : h - b, b : w - b]
-    total = gray.numel() - inner.numel()
-    if total == 0:
-        return 0.0
-    bright = (gray > BRIGHT).sum() - (inner > BRIGHT).sum()
-    return float(bright) / total
+    return data.read_image(path, in_chans, invert=invert)
 
 
 def _model_input(model: Any, x: Any, path: str, resize: int | None) -> tuple[Any, str | None]:
@@ -344,15 +282,15 @@ def cmd_predict(a: argparse.Namespace) -> int:
     model, cfg = _load_model(a.checkpoint)
     names = _class_names(cfg.data, model.num_classes)
     k = min(a.top_k, model.num_classes)
-    images = [(path, *read_image(path, model.config.in_chans, a.invert)) for path in a.images]
+    images = [(path, *_read_image(path, model.config.in_chans, a.invert)) for path in a.images]
     out = []
     for path, x, info in images:
         x, note = _model_input(model, x, path, a.resize)
         probs = predict_proba(model, x[None])[0]  # (K,)
         top = probs.topk(k)
         out.append({
-            "image": path, "size": info["size"], "mode": info["mode"],
-            "input": list(x.shape), "inverted": info["inverted"], "resized": note,
+            "image": path, "size": list(info.size), "mode": info.mode,
+            "input": list(x.shape), "inverted": info.inverted, "resized": note,
             "top_k": [
                 {"class": int(c), "name": names[int(c)], "prob": float(p)}
                 for p, c in zip(top.values, top.indices, strict=True)
@@ -418,7 +356,7 @@ def cmd_cam(a: argparse.Namespace) -> int:
         raise UsageError(
             f"--class {bad[0]} is not a class of this model (0..{model.num_classes - 1})"
         )
-    images = [(path, *read_image(path, model.config.in_chans, a.invert)) for path in a.images]
+    images = [(path, *_read_image(path, model.config.in_chans, a.invert)) for path in a.images]
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
@@ -437,7 +375,7 @@ def cmd_cam(a: argparse.Namespace) -> int:
             stem = f"{stem}-{len(used)}"
         used.add(stem)
         extra = f"; {note}" if note else ""
-        inv = "; inverted (bright border)" if info["inverted"] else ""
+        inv = "; inverted (bright border)" if info.inverted else ""
         print(f"{path}: predicted {names[pred]} ({100 * float(probs[pred]):.1f}%){inv}{extra}")
         for i, c in enumerate(classes):
             target = out_dir / f"{stem}-class{c}.png"

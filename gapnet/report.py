@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gapnet.checkpoint import atomic_write
+
 _SWEEP_OWNS = ("head", "train_size", "epochs", "out_dir")  # what each sweep run sets itself
 RESULTS_FORMAT = "gapnet.results/1"  # the "format" tag of results.json
 RESULTS_JSON = "results.json"
@@ -357,6 +359,19 @@ def _train_config(spec: CompareSpec, out_dir: Path, name: str, **changes: Any) -
     fields.update(changes)
     fields["out_dir"] = str(out_dir / name)
     return TrainConfig(**fields)
+
+
+def robust_config(spec: CompareSpec, out_dir: str | os.PathLike[str]) -> Any:
+    """The TrainConfig of `spec`'s size-robust variant, trained into out_dir/<head>-robust.
+
+    Example:
+        >>> robust_config(DEMO.spec, DEMO.out).run_dir.as_posix()
+        'runs/demo/gem-robust'
+    """
+    if spec.robust is None:
+        raise ValueError("CompareSpec.robust is None: this comparison trains no robust variant")
+    name = f"{spec.robust_head}-robust"
+    return _train_config(spec, Path(out_dir), name, head=spec.robust_head, **spec.robust)
 
 
 def _train(cfg: Any, progress: bool, reuse: bool) -> Any:
@@ -1249,13 +1264,11 @@ def write_report(results: dict[str, Any], out_dir: str | os.PathLike[str]) -> di
         "markdown": out / REPORT_MD,
         "html": out / REPORT_HTML,
     }
-    from gapnet.train import _atomic_write  # a crash never leaves half a report
-
-    _atomic_write(paths["results"], (json.dumps(results, indent=1) + "\n").encode())
-    _atomic_write(paths["svg"], accuracy_chart(results).encode())
+    atomic_write(paths["results"], (json.dumps(results, indent=1) + "\n").encode())
+    atomic_write(paths["svg"], accuracy_chart(results).encode())
     blocks = report_blocks(results)
-    _atomic_write(paths["markdown"], to_markdown(blocks).encode())
-    _atomic_write(paths["html"], to_html(blocks, out).encode())
+    atomic_write(paths["markdown"], to_markdown(blocks).encode())
+    atomic_write(paths["html"], to_html(blocks, out).encode())
     return paths
 
 

@@ -17,18 +17,15 @@ saved step therefore repeats the uninterrupted run exactly (bitwise on CPU).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -38,10 +35,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-CHECKPOINT = "checkpoint.safetensors"
-CONFIG_JSON = "config.json"
-METRICS = "metrics.jsonl"
-FORMAT = "gapnet.checkpoint/1"  # the metadata tag that marks a gapnet training checkpoint
+from gapnet import checkpoint
+from gapnet.checkpoint import CHECKPOINT, CONFIG_JSON, METRICS
+from gapnet.inference import evaluate, predict_proba
+
+__all__ = [
+    "CHECKPOINT",
+    "TrainConfig",
+    "TrainResult",
+    "evaluate",
+    "load_checkpoint",
+    "lr_at",
+    "predict_proba",
+    "train",
+]
+
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("onecycle", "cosine", "constant")
@@ -315,121 +323,6 @@ def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
     return cfg.lr * (end + (1 - end) * 0.5 * (1 + math.cos(math.pi * q)))
 
 
-# --------------------------------------------------------------------------- evaluation
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
-def _is_channels_last(model: nn.Module) -> bool:
-    """Whether the model's conv weights are stored channels_last (then feed it channels_last)."""
-    for p in model.parameters():
-        if p.dim() == 4:  # the first that is one and not the other (C=1 or 1x1 is both)
-            channels_last = p.is_contiguous(memory_format=torch.channels_last)
-            if channels_last != p.is_contiguous():
-                return channels_last
-    return False
-
-
-def _check_images(images: Any, what: str) -> None:
-    if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
-        got = (
-            f"{type(images).__name__} of shape {tuple(images.shape)} and dtype {images.dtype}"
-            if isinstance(images, Tensor)
-            else type(images).__name__
-        )
-        raise ValueError(f"{what}: images must be a float (N, C, H, W) tensor, got {got}")
-
-
-def _logits(
-    model: nn.Module, images: Tensor, batch_size: int, amp: bool
-) -> Iterator[tuple[int, Tensor]]:
-    """(start, float32 logits) for each batch of `images`, model in eval mode."""
-    device = _model_device(model)
-    fmt = torch.channels_last if _is_channels_last(model) else torch.contiguous_format
-    from gapnet.models import eval_mode
-
-    with eval_mode(model):
-        for start in range(0, len(images), batch_size):
-            x = images[start : start + batch_size].to(device, non_blocking=True)
-            x = x.contiguous(memory_format=fmt)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                yield start, model(x).float()  # (B, K)
-
-
-def evaluate(
-    model: nn.Module,
-    images: Tensor,
-    labels: Tensor,
-    *,
-    batch_size: int = 512,
-    amp: bool = False,
-) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy of `model` on a labelled set, in eval mode, no grad.
-
-    Args:
-        model: a classifier returning (N, K) logits; left in the train/eval mode it was in.
-        images: the inputs, any size the model takes, on any device (moved batch by batch).
-        labels: int64 class indices.
-        batch_size: images per forward pass.
-        amp: run the forward passes under bf16 autocast.
-
-    Shape:
-        images (N, C, H, W), labels (N,) -> (accuracy in [0, 1], loss)
-
-    Example:
-        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
-        >>> acc, loss = evaluate(model, torch.rand(10, 1, 2, 2), torch.zeros(10, dtype=torch.long))
-        >>> 0 <= acc <= 1 and loss > 0
-        True
-    """
-    _check_images(images, "evaluate")
-    if not isinstance(labels, Tensor) or labels.shape != (len(images),):
-        got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
-        raise ValueError(f"evaluate: labels must be a ({len(images)},) tensor, got {got}")
-    if len(images) == 0:
-        raise ValueError("evaluate: no images to evaluate on (N = 0)")
-    if batch_size < 1:
-        raise ValueError(f"evaluate: batch_size must be >= 1, got {batch_size}")
-    device = _model_device(model)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    for start, logits in _logits(model, images, batch_size, amp):
-        y = labels[start : start + len(logits)].to(device, non_blocking=True)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-    n = len(images)
-    return correct.item() / n, loss_sum.item() / n
-
-
-def predict_proba(model: nn.Module, images: Tensor, *, batch_size: int = 512) -> Tensor:
-    """Class probabilities (softmax of the logits), in eval mode, no grad, on the CPU.
-
-    Args:
-        model: a classifier returning (N, K) logits.
-        images: a batch, or one image (C, H, W).
-        batch_size: images per forward pass.
-
-    Shape:
-        (N, C, H, W) -> (N, K) float32; (C, H, W) -> (K,)
-
-    Example:
-        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
-        >>> p = predict_proba(model, torch.rand(5, 1, 2, 2))
-        >>> p.shape, bool(torch.allclose(p.sum(1), torch.ones(5)))
-        (torch.Size([5, 3]), True)
-    """
-    single = isinstance(images, Tensor) and images.dim() == 3
-    batch = images[None] if single else images
-    _check_images(batch, "predict_proba")
-    parts = [logits.softmax(1).cpu() for _, logits in _logits(model, batch, batch_size, False)]
-    probs = torch.cat(parts) if parts else torch.zeros(0, 0)
-    return probs[0] if single else probs
-
-
 # --------------------------------------------------------------------------- models
 
 
@@ -451,12 +344,6 @@ def _create_model(
     )
 
 
-def _model_from_config(d: dict[str, Any]) -> nn.Module:
-    from gapnet import models
-
-    return models.GapNet(models.ModelConfig.from_dict(d))
-
-
 def _model_config(model: nn.Module) -> dict[str, Any]:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
@@ -475,108 +362,6 @@ def _param_counts(model: nn.Module) -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------- checkpoints
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` all at once: a crash leaves the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (not on every OS)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def _serialize(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
-    """Safetensors bytes with a sha256 of the tensor data in the metadata."""
-    from safetensors.torch import save
-
-    flat: dict[str, Tensor] = {}
-    seen: set[tuple[int, int]] = set()
-    for name, t in tensors.items():
-        t = t.detach().cpu().contiguous()
-        key = (t.untyped_storage().data_ptr(), int(t.storage_offset()))
-        if t.numel() and key in seen:  # safetensors refuses shared memory (e.g. tied weights)
-            t = t.clone()
-        seen.add(key)
-        flat[name] = t
-    body = save(flat, metadata)
-    header_len = int.from_bytes(body[:8], "little")
-    digest = hashlib.sha256(memoryview(body)[8 + header_len :]).hexdigest()
-    return save(flat, {**metadata, "sha256": digest})
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Tensors and metadata of a checkpoint; ValueError naming the file if it is damaged."""
-    from safetensors.torch import load
-
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
-    data = path.read_bytes()
-
-    def damaged(why: str) -> ValueError:
-        return ValueError(f"checkpoint {str(path)!r} is truncated or corrupt: {why}")
-
-    if len(data) < 8:
-        raise damaged(f"{len(data)} bytes, less than the 8-byte header length")
-    header_len = int.from_bytes(data[:8], "little")
-    if 8 + header_len > len(data):
-        raise damaged(f"its header claims {header_len} bytes, the file has {len(data)} in all")
-    try:
-        header = json.loads(data[8 : 8 + header_len])
-        metadata = header.pop("__metadata__", None) or {}
-        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
-        raise damaged(f"unreadable safetensors header ({e})") from None
-    if 8 + header_len + end > len(data):
-        raise damaged(f"expected {8 + header_len + end} bytes, the file has {len(data)}")
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        raise ValueError(
-            f"{str(path)!r} is a safetensors file but not a gapnet training checkpoint "
-            f"(its metadata has no 'format': {FORMAT!r})"
-        )
-    digest = hashlib.sha256(memoryview(data)[8 + header_len :]).hexdigest()
-    if metadata.get("sha256") != digest:
-        raise damaged("the sha256 of its tensor data does not match the one it was saved with")
-    try:
-        tensors = load(data)
-    except Exception as e:  # safetensors raises its own error types
-        raise damaged(str(e)) from None
-    return tensors, metadata
-
-
-def _checkpoint_parts(
-    path: Path,
-) -> tuple[dict[str, Tensor], TrainConfig, dict[str, Any], dict[str, Any]]:
-    """Tensors, TrainConfig, ModelConfig dict and state dict of a checkpoint file."""
-    tensors, meta = _read_safetensors(path)
-    try:
-        train_cfg = TrainConfig.from_dict(json.loads(meta["train_config"]))
-        model_cfg = json.loads(meta["model_config"])
-        state = json.loads(meta["state"])
-        missing = [f.name for f in dataclasses.fields(_State) if f.name not in state]
-        if missing:
-            raise KeyError(f"state lacks {', '.join(missing)}")
-    except (KeyError, ValueError, TypeError) as e:
-        raise ValueError(f"checkpoint {str(path)!r} is corrupt: bad metadata ({e})") from None
-    return tensors, train_cfg, model_cfg, state
-
-
-def _state_dict_of(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def load_checkpoint(
@@ -604,16 +389,21 @@ def load_checkpoint(
         ...
         FileNotFoundError: checkpoint 'no/such/run/checkpoint.safetensors' not found
     """
-    p = Path(path)
-    if not p.is_file() and (p.is_dir() or not p.suffix):
-        p = p / CHECKPOINT
-    tensors, train_cfg, model_cfg, state = _checkpoint_parts(p)
-    model = _model_from_config(model_cfg)
+    ckpt, train_cfg = _read_run(path)
+    return ckpt.build_model(device), train_cfg, ckpt.state
+
+
+def _read_run(path: str | os.PathLike[str]) -> tuple[checkpoint.Checkpoint, TrainConfig]:
+    """A training checkpoint and its TrainConfig; ValueError naming the file if either is bad."""
+    ckpt = checkpoint.load(path)
     try:
-        model.load_state_dict(_state_dict_of(tensors, "model."))
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint {str(p)!r}: weights do not fit its model config: {e}") from e
-    return model.to(device).eval(), train_cfg, state
+        train_cfg = TrainConfig.from_dict(ckpt.train_config)
+        missing = [f.name for f in dataclasses.fields(_State) if f.name not in ckpt.state]
+        if missing:
+            raise KeyError(f"state lacks {', '.join(missing)}")
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"checkpoint {str(ckpt.path)!r} is corrupt: bad metadata ({e})") from None
+    return ckpt, train_cfg
 
 
 def _save_checkpoint(
@@ -626,21 +416,13 @@ def _save_checkpoint(
     accumulators: dict[str, Tensor],
     steps_per_epoch: int,
     train_images: int,
+    classes: list[str],
 ) -> None:
     tensors: dict[str, Tensor] = {f"model.{k}": v for k, v in model.state_dict().items()}
-    optim_scalars: dict[str, Any] = {}
-    for index, param_state in optimizer.state_dict()["state"].items():
-        for key, value in param_state.items():
-            if isinstance(value, Tensor):
-                tensors[f"optim.{index}.{key}"] = value
-            elif value is not None:
-                optim_scalars[f"{index}.{key}"] = value
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
-    for k, v in accumulators.items():
-        tensors[f"train.{k}"] = v
+    optim, optim_scalars = checkpoint.optimizer_tensors(optimizer)
+    tensors.update(optim)
+    tensors.update(checkpoint.rng_tensors())
+    tensors.update({f"train.{k}": v for k, v in accumulators.items()})
     state = {
         **dataclasses.asdict(st),
         "steps_per_epoch": steps_per_epoch,
@@ -655,27 +437,13 @@ def _save_checkpoint(
         "optimizer_scalars": optim_scalars,
     }
     metadata = {
-        "format": FORMAT,
-        "train_config": json.dumps(cfg.to_dict()),
-        "model_config": json.dumps(model_cfg),
-        "state": json.dumps(state),
+        "train_config": cfg.to_dict(),
+        "model_config": model_cfg,
+        "state": state,
+        "classes": classes,
         "torch": torch.__version__,
     }
-    _atomic_write(path, _serialize(tensors, metadata))
-
-
-def _load_optimizer(
-    optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], scalars: dict[str, Any]
-) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for name, t in _state_dict_of(tensors, "optim.").items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = t
-    for name, v in scalars.items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = v
-    groups = optimizer.state_dict()["param_groups"]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    checkpoint.save(path, tensors, metadata)
 
 
 # --------------------------------------------------------------------------- training
@@ -796,8 +564,8 @@ class _SigintGuard:
             raise KeyboardInterrupt
 
 
-def _load_data(cfg: TrainConfig) -> tuple[Any, Any, int, int, tuple[int, int]]:
-    """Train and test ImageSets, number of classes, input channels and image size."""
+def _load_data(cfg: TrainConfig) -> tuple[Any, Any, list[str], int, tuple[int, int]]:
+    """Train and test ImageSets, class names, input channels and image size."""
     from gapnet import data
 
     ds = data.load(cfg.data, seed=cfg.split_seed, size=cfg.image_size)
@@ -811,7 +579,7 @@ def _load_data(cfg: TrainConfig) -> tuple[Any, Any, int, int, tuple[int, int]]:
         train_set = data.stratified_subset(train_set, cfg.train_size, seed=cfg.seed)
     if len(train_set) == 0 or len(ds.test) == 0:
         raise ValueError(f"dataset {cfg.data!r} has an empty train or test split")
-    return train_set, ds.test, ds.num_classes, ds.in_chans, ds.image_size
+    return train_set, ds.test, ds.classes, ds.in_chans, ds.image_size
 
 
 def _augment(cfg: TrainConfig, x: Tensor, g: torch.Generator) -> Tensor:
@@ -825,13 +593,10 @@ def _augment(cfg: TrainConfig, x: Tensor, g: torch.Generator) -> Tensor:
     return x
 
 
-def _write_metrics(path: Path, metrics: list[dict[str, Any]]) -> None:
-    _atomic_write(path, "".join(json.dumps(row) + "\n" for row in metrics).encode())
-
-
-def _human_config(cfg: TrainConfig, model_cfg: dict[str, Any], counts: dict[str, int]) -> bytes:
-    doc = {"train": cfg.to_dict(), "model": model_cfg, "param_counts": counts}
-    return (json.dumps(doc, indent=2) + "\n").encode()
+def _human_config(
+    cfg: TrainConfig, model_cfg: dict[str, Any], counts: dict[str, int]
+) -> dict[str, Any]:
+    return {"train": cfg.to_dict(), "model": model_cfg, "param_counts": counts}
 
 
 def train(
@@ -884,14 +649,14 @@ def train(
         else torch.contiguous_format
     )
 
-    saved: tuple[dict[str, Tensor], TrainConfig, dict[str, Any], dict[str, Any]] | None = None
+    saved: checkpoint.Checkpoint | None = None
     if resume:
         if not ckpt.is_file():
             raise FileNotFoundError(
                 f"cannot resume: no checkpoint {str(ckpt)!r}; start the run without resume"
             )
-        saved = _checkpoint_parts(ckpt)
-        diff = _describe_diff(saved[1].to_dict(), cfg.to_dict())
+        saved, saved_cfg = _read_run(ckpt)
+        diff = _describe_diff(saved_cfg.to_dict(), cfg.to_dict())
         if diff:
             raise ValueError(
                 f"cannot resume {str(ckpt)!r} with a different config (only "
@@ -906,7 +671,8 @@ def train(
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads or _default_threads())
     try:
-        train_set, test_set, num_classes, in_chans, image_size = _load_data(cfg)
+        train_set, test_set, classes, in_chans, image_size = _load_data(cfg)
+        num_classes = len(classes)
         n = len(train_set)
         steps = -(-n // cfg.batch_size)
         total_steps = cfg.epochs * steps
@@ -916,7 +682,8 @@ def train(
             model = _create_model(cfg, num_classes, in_chans, image_size)
             model_cfg = _model_config(model)
         else:
-            tensors, _, model_cfg, state = saved
+            tensors, state = saved.tensors, saved.state
+            model_cfg = saved.model_config.to_dict()
             if state.get("train_images") != n or state.get("steps_per_epoch") != steps:
                 raise ValueError(
                     f"cannot resume {str(ckpt)!r}: it was trained on {state.get('train_images')}"
@@ -927,8 +694,7 @@ def train(
                     f"cannot resume {str(ckpt)!r} with epochs={cfg.epochs}: it has already "
                     f"trained {state['epoch']} epochs"
                 )
-            model = _model_from_config(model_cfg)
-            model.load_state_dict(_state_dict_of(tensors, "model."))
+            model = saved.build_model().train()
             st = _State(**{f.name: state[f.name] for f in dataclasses.fields(_State)})
         model.to(device)
         cast(Any, model).to(memory_format=fmt)  # conv weights too (typeshed lacks the kwarg)
@@ -936,17 +702,14 @@ def train(
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
         if saved is not None:
-            _load_optimizer(optimizer, tensors, state.get("optimizer_scalars", {}))
-            torch.set_rng_state(tensors["rng.cpu"])
-            cuda_states = _state_dict_of(tensors, "rng.cuda.")
-            if cuda and len(cuda_states) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all([cuda_states[str(i)] for i in range(len(cuda_states))])
+            checkpoint.load_optimizer(optimizer, tensors, state.get("optimizer_scalars", {}))
+            checkpoint.restore_rng(tensors)
             loss_sum.copy_(tensors["train.loss_sum"])
             correct.copy_(tensors["train.correct"])
 
         counts = _param_counts(model)
-        _atomic_write(run_dir / CONFIG_JSON, _human_config(cfg, model_cfg, counts))
-        _write_metrics(run_dir / METRICS, st.metrics)
+        checkpoint.write_json(run_dir / CONFIG_JSON, _human_config(cfg, model_cfg, counts))
+        checkpoint.write_jsonl(run_dir / METRICS, st.metrics)
         bar = _Progress(progress, cfg.epochs, steps)
         if saved is not None and st.epoch < cfg.epochs and progress:
             bar.message(f"resuming {ckpt} at epoch {st.epoch + 1}, step {st.step}/{steps}")
@@ -1012,7 +775,7 @@ def train(
         def save() -> None:
             _save_checkpoint(
                 ckpt, cfg, model, model_cfg, optimizer, st,
-                {"loss_sum": loss_sum, "correct": correct}, steps, n,
+                {"loss_sum": loss_sum, "correct": correct}, steps, n, classes,
             )  # fmt: skip
 
         busy = False  # True while a step or an epoch's end is half done: no consistent state
@@ -1042,7 +805,7 @@ def train(
                     busy = False
                     bar.epoch(row)
                     save()
-                    _write_metrics(run_dir / METRICS, st.metrics)
+                    checkpoint.write_jsonl(run_dir / METRICS, st.metrics)
         except KeyboardInterrupt:
             if busy:
                 bar.message(

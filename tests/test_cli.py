@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from gapnet import cli, data, models, report
+from gapnet import data, models, report
 from gapnet.cli import main
 
 COMMANDS = ("train", "eval", "predict", "compare", "demo", "report", "info", "cam", "localize")
@@ -182,34 +182,6 @@ def test_predict_missing_or_unreadable_file_exits_2_naming_it(runs, tmp_path, ca
     junk.write_text("not an image")
     code, _, err = run(capsys, "predict", junk, "-c", runs["gap"])
     assert code == 2 and "cannot read image" in err and "junk.png" in err
-
-
-# (what it exercises, image, invert flag, expected inverted, expected pixel value)
-INVERT_CASES = [
-    ("white paper", Image.new("L", (30, 20), 255), "auto", True, 0.0),
-    ("dark background", Image.new("L", (30, 20), 0), "auto", False, 0.0),
-    ("transparent: over white", Image.new("RGBA", (30, 20), (0, 0, 0, 0)), "auto", True, 0.0),
-    ("forced off", Image.new("L", (30, 20), 255), "no", False, 1.0),
-    ("forced on", Image.new("L", (30, 20), 0), "yes", True, 1.0),
-]
-
-
-@pytest.mark.parametrize(
-    "image,invert,expected,value", [c[1:] for c in INVERT_CASES], ids=[c[0] for c in INVERT_CASES]
-)
-def test_read_image_inverts_bright_backgrounds(tmp_path, image, invert, expected, value):
-    path = tmp_path / "x.png"
-    image.save(path)
-    x, info = cli.read_image(str(path), 1, invert)
-    assert x.shape == (1, 20, 30) and info["inverted"] is expected
-    assert float(x.min()) == float(x.max()) == pytest.approx(value)
-
-
-def test_read_image_rgb_for_3_channel_models(tmp_path):
-    path = tmp_path / "c.png"
-    Image.new("L", (9, 7), 200).save(path)
-    x, info = cli.read_image(str(path), 3)
-    assert x.shape == (3, 7, 9) and info["inverted"] is False  # only 1-channel models invert
 
 
 # ----------------------------------------------------------------------------- info

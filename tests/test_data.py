@@ -1,6 +1,7 @@
 """Tests for gapnet.data: bundled sets, readers (on small files written here), augmentations."""
 
 import gzip
+import io
 import os
 import pickle
 import struct
@@ -478,3 +479,68 @@ def test_batches_cover_the_set_once():
     assert [len(b) for _, b in D.batches(x, y, 4, drop_last=True)] == [4, 4]
     with pytest.raises(ValueError, match="batch_size"):
         next(D.batches(x, y, 0))
+
+
+# ----------------------------------------------------------------------------- read_image
+
+# (what it exercises, image, invert flag, expected inverted, expected pixel value)
+INVERT_CASES = [
+    ("white paper", Image.new("L", (30, 20), 255), "auto", True, 0.0),
+    ("dark background", Image.new("L", (30, 20), 0), "auto", False, 0.0),
+    ("transparent: over white", Image.new("RGBA", (30, 20), (0, 0, 0, 0)), "auto", True, 0.0),
+    ("forced off", Image.new("L", (30, 20), 255), "no", False, 1.0),
+    ("forced on", Image.new("L", (30, 20), 0), "yes", True, 1.0),
+    ("16-bit gray: full range, not clipped", Image.new("I;16", (30, 20), 65535), "no", False, 1.0),
+]
+
+
+@pytest.mark.parametrize(
+    "image,invert,expected,value", [c[1:] for c in INVERT_CASES], ids=[c[0] for c in INVERT_CASES]
+)
+def test_read_image_inverts_bright_backgrounds(tmp_path, image, invert, expected, value):
+    path = tmp_path / "x.png"
+    image.save(path)
+    for source in (path, path.read_bytes()):  # a file or its bytes
+        x, info = D.read_image(source, 1, invert=invert)
+        assert x.shape == (1, 20, 30) and info.inverted is expected
+        assert float(x.min()) == float(x.max()) == pytest.approx(value)
+
+
+def test_read_image_rgb_for_3_channel_models(tmp_path):
+    path = tmp_path / "c.png"
+    Image.new("L", (9, 7), 200).save(path)
+    x, info = D.read_image(path, 3, invert="auto")
+    assert x.shape == (3, 7, 9) and info.inverted is False  # only 1-channel models invert
+    assert info.size == (9, 7) and info.mode == "L"
+
+
+def _png_bytes(size=(16, 16)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", size, 128).save(buf, "PNG")
+    return buf.getvalue()
+
+
+# (what is wrong, the bytes, words the error must contain)
+BAD_IMAGES = [
+    ("truncated PNG", _png_bytes()[:40], "cannot read image"),
+    ("text, not an image", b"hello, not an image", "cannot read image"),
+    ("empty file", b"", "cannot read image"),
+]
+
+
+@pytest.mark.parametrize("raw,words", [c[1:] for c in BAD_IMAGES], ids=[c[0] for c in BAD_IMAGES])
+def test_read_image_names_what_is_wrong(tmp_path, raw, words):
+    path = tmp_path / "bad.png"
+    path.write_bytes(raw)
+    with pytest.raises(D.ImageError, match=words) as e:
+        D.read_image(path, 1)
+    assert "bad.png" in str(e.value)
+    with pytest.raises(D.ImageError, match=words):
+        D.read_image(raw, 1, name="upload")
+
+
+def test_read_image_refuses_too_many_pixels_before_decoding():
+    with pytest.raises(D.ImageError, match="more than the limit of 100"):
+        D.read_image(_png_bytes((11, 10)), 1, max_pixels=100)
+    with pytest.raises(D.ImageError, match="not found"):
+        D.read_image("no/such.png", 1)

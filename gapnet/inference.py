@@ -1,0 +1,128 @@
+"""Running a trained classifier: accuracy and loss on a labelled set, class probabilities.
+
+Both run the model in eval mode with no grad, batch by batch, feeding it in the memory format
+its conv weights are stored in, and leave its train/eval flag as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gapnet.models import eval_mode
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for an empty model)."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def is_channels_last(model: nn.Module) -> bool:
+    """Whether the model's conv weights are stored channels_last (then feed it channels_last)."""
+    for p in model.parameters():
+        if p.dim() == 4:  # the first that is one and not the other (C=1 or 1x1 is both)
+            channels_last = p.is_contiguous(memory_format=torch.channels_last)
+            if channels_last != p.is_contiguous():
+                return channels_last
+    return False
+
+
+def check_images(images: Any, what: str) -> None:
+    """ValueError naming `what` unless `images` is a float (N, C, H, W) tensor."""
+    if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
+        got = (
+            f"{type(images).__name__} of shape {tuple(images.shape)} and dtype {images.dtype}"
+            if isinstance(images, Tensor)
+            else type(images).__name__
+        )
+        raise ValueError(f"{what}: images must be a float (N, C, H, W) tensor, got {got}")
+
+
+def batch_logits(
+    model: nn.Module, images: Tensor, batch_size: int, amp: bool = False
+) -> Iterator[tuple[int, Tensor]]:
+    """(start, float32 logits (B, K)) for each batch of `images`, model in eval mode, no grad."""
+    device = model_device(model)
+    fmt = torch.channels_last if is_channels_last(model) else torch.contiguous_format
+    with eval_mode(model):
+        for start in range(0, len(images), batch_size):
+            x = images[start : start + batch_size].to(device, non_blocking=True)
+            x = x.contiguous(memory_format=fmt)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                yield start, model(x).float()  # (B, K)
+
+
+def evaluate(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    batch_size: int = 512,
+    amp: bool = False,
+) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of `model` on a labelled set, in eval mode, no grad.
+
+    Args:
+        model: a classifier returning (N, K) logits; left in the train/eval mode it was in.
+        images: the inputs, any size the model takes, on any device (moved batch by batch).
+        labels: int64 class indices.
+        batch_size: images per forward pass.
+        amp: run the forward passes under bf16 autocast.
+
+    Shape:
+        images (N, C, H, W), labels (N,) -> (accuracy in [0, 1], loss)
+
+    Example:
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+        >>> acc, loss = evaluate(model, torch.rand(10, 1, 2, 2), torch.zeros(10, dtype=torch.long))
+        >>> 0 <= acc <= 1 and loss > 0
+        True
+    """
+    check_images(images, "evaluate")
+    if not isinstance(labels, Tensor) or labels.shape != (len(images),):
+        got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(f"evaluate: labels must be a ({len(images)},) tensor, got {got}")
+    if len(images) == 0:
+        raise ValueError("evaluate: no images to evaluate on (N = 0)")
+    if batch_size < 1:
+        raise ValueError(f"evaluate: batch_size must be >= 1, got {batch_size}")
+    device = model_device(model)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    for start, logits in batch_logits(model, images, batch_size, amp):
+        y = labels[start : start + len(logits)].to(device, non_blocking=True)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    n = len(images)
+    return correct.item() / n, loss_sum.item() / n
+
+
+def predict_proba(model: nn.Module, images: Tensor, *, batch_size: int = 512) -> Tensor:
+    """Class probabilities (softmax of the logits), in eval mode, no grad, on the CPU.
+
+    Args:
+        model: a classifier returning (N, K) logits.
+        images: a batch, or one image (C, H, W).
+        batch_size: images per forward pass.
+
+    Shape:
+        (N, C, H, W) -> (N, K) float32; (C, H, W) -> (K,)
+
+    Example:
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+        >>> p = predict_proba(model, torch.rand(5, 1, 2, 2))
+        >>> p.shape, bool(torch.allclose(p.sum(1), torch.ones(5)))
+        (torch.Size([5, 3]), True)
+    """
+    single = isinstance(images, Tensor) and images.dim() == 3
+    batch = images[None] if single else images
+    check_images(batch, "predict_proba")
+    parts = [logits.softmax(1).cpu() for _, logits in batch_logits(model, batch, batch_size)]
+    probs = torch.cat(parts) if parts else torch.zeros(0, 0)
+    return probs[0] if single else probs
