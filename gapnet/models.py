@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gapnet.config import Config, option
 from gapnet.nn import AvgPool2d, ClassifierHead, GeM, GlobalPool2d, MaxPool2d
 
 ARCHS = ("convnet", "nin")
@@ -42,7 +43,7 @@ HEADS = (*FC_HEADS, "gap", *POOLED_HEADS)
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Config):
     """Everything needed to rebuild a model; checkpoints carry it as JSON (`to_dict`).
 
     Example:
@@ -51,65 +52,16 @@ class ModelConfig:
         True
     """
 
-    arch: str = "convnet"  # backbone family: "convnet" (conv-BN-ReLU stages) or "nin" (Lin et al.)
-    num_classes: int = 10  # classifier outputs K; 0 removes the last classifier layer
-    in_chans: int = 1  # input channels: 1 for MNIST, 3 for RGB
-    head: str = "gap"  # one of HEADS: "gap" is NiN's 1x1 conv + GAP, "fc" the classic baseline
-    widths: tuple[int, ...] = (32, 64, 128)  # convnet: channels per stage; 2x2 max pool between
-    depth: int = 2  # convnet: conv3x3-BN-ReLU blocks per stage
-    input_size: int = 28  # H = W the fc heads are sized for; global-pooling heads take any size
-    fc_hidden: int = 512  # hidden units of the fc heads; 0 makes them a single Linear
-    drop_rate: float = 0.5  # dropout before each Linear of "fc-dropout", and between NiN blocks
-    gem_p: float = 3.0  # initial exponent of the "gem" head (learnable)
-
-    def __post_init__(self) -> None:
-        self.widths = tuple(self.widths)  # JSON gives a list
-        if self.arch not in ARCHS:
-            raise ValueError(
-                f"ModelConfig.arch must be one of {', '.join(ARCHS)}, got {self.arch!r}"
-            )
-        if self.head not in HEADS:
-            raise ValueError(
-                f"ModelConfig.head must be one of {', '.join(HEADS)}, got {self.head!r}"
-            )
-        _check_int("num_classes", self.num_classes, 0)
-        _check_int("in_chans", self.in_chans, 1)
-        _check_int("depth", self.depth, 1)
-        _check_int("input_size", self.input_size, 1)
-        _check_int("fc_hidden", self.fc_hidden, 0)
-        if not self.widths:
-            raise ValueError("ModelConfig.widths must name at least one stage, got ()")
-        for width in self.widths:
-            _check_int("widths", width, 1, shown=self.widths)
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise ValueError(f"ModelConfig.drop_rate must be in [0, 1), got {self.drop_rate}")
-        if not self.gem_p > 0:
-            raise ValueError(f"ModelConfig.gem_p must be > 0, got {self.gem_p}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (tuples become lists)."""
-        d = dataclasses.asdict(self)
-        d["widths"] = list(self.widths)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
-        """The config `to_dict` wrote; unknown keys are an error, missing ones take defaults."""
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise ValueError(
-                f"ModelConfig: unknown keys {unknown}; known keys are {', '.join(known)}"
-            )
-        return cls(**d)
-
-
-def _check_int(name: str, value: Any, minimum: int, shown: Any = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        what = f"an int >= {minimum}" if shown is None else f"ints >= {minimum}"
-        raise ValueError(
-            f"ModelConfig.{name} must be {what}, got {value if shown is None else shown!r}"
-        )
+    arch: str = option("convnet", choices=ARCHS)  # backbone: "convnet" (conv-BN-ReLU) or "nin"
+    num_classes: int = option(10, low=0)  # classifier outputs K; 0 removes the last layer
+    in_chans: int = option(1, low=1)  # input channels: 1 for MNIST, 3 for RGB
+    head: str = option("gap", choices=HEADS)  # "gap" is NiN's 1x1 conv + GAP, "fc" the baseline
+    widths: tuple[int, ...] = option((32, 64, 128), low=1, nonempty=True)  # convnet stages
+    depth: int = option(2, low=1)  # convnet: conv3x3-BN-ReLU blocks per stage
+    input_size: int = option(28, low=1)  # H = W the fc heads are sized for (others: any size)
+    fc_hidden: int = option(512, low=0)  # hidden units of the fc heads; 0: a single Linear
+    drop_rate: float = option(0.5, low=0, below=1)  # dropout of "fc-dropout" and of NiN
+    gem_p: float = option(3.0, above=0)  # initial exponent of the "gem" head (learnable)
 
 
 # ----------------------------------------------------------------------------- backbones
@@ -261,6 +213,9 @@ class FcHead(nn.Module):
         (torch.Size([2, 10]), torch.Size([2, 1568]))
     """
 
+    has_cam = False  # a fully connected layer mixes every location into every logit
+    fixed_input_size = True  # its Linear is sized for one feature map, so for one input size
+
     def __init__(
         self,
         in_features: int,
@@ -341,6 +296,9 @@ class GapHead(nn.Module):
         True
     """
 
+    has_cam = True  # the 1x1 conv's output per location is the class map
+    fixed_input_size = False  # a global pool takes any h and w
+
     def __init__(self, in_features: int, num_classes: int) -> None:
         super().__init__()
         self.kind, self.in_features, self.num_classes = "gap", in_features, num_classes
@@ -389,6 +347,9 @@ class PooledHead(ClassifierHead):
         >>> torch.allclose(maps.mean((2, 3)) + head.fc.bias, head(x), atol=1e-6)
         True
     """
+
+    has_cam = True  # W·features at each location
+    fixed_input_size = False  # a global pool takes any h and w
 
     def __init__(self, in_features: int, num_classes: int, kind: str, gem_p: float = 3.0) -> None:
         if kind not in POOLED_HEADS:
@@ -508,6 +469,34 @@ class GapNet(nn.Module):
     def num_classes(self) -> int:
         return self.config.num_classes
 
+    @property
+    def has_cam(self) -> bool:
+        """Whether the head gives class activation maps (every global-pooling head does)."""
+        return self.head.has_cam
+
+    @property
+    def input_size(self) -> int | None:
+        """The one H = W this model takes (an fc head's), or None: any size from the minimum."""
+        return self.config.input_size if self.head.fixed_input_size else None
+
+    def size_problem(self, height: int, width: int | None = None) -> str | None:
+        """Why this model cannot take a height x width input, or None if it can.
+
+        Example:
+            >>> create("convnet-tiny", head="fc").size_problem(36)
+            'fixed 28x28 input'
+            >>> create("convnet-tiny", head="gap").size_problem(36, 20) is None
+            True
+        """
+        width = height if width is None else width
+        s = self.input_size
+        if s is not None and (height, width) != (s, s):
+            return f"fixed {s}x{s} input"
+        low = self.backbone.min_input_size
+        if min(height, width) < low:
+            return f"needs at least {low}x{low}"
+        return None
+
     def _check_input(self, x: Tensor) -> None:
         c = self.config.in_chans
         if x.ndim != 4 or x.shape[1] != c:
@@ -533,7 +522,7 @@ class GapNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         features = self.forward_features(x)  # (N, C, h, w)
-        if isinstance(self.head, FcHead):
+        if isinstance(self.head, FcHead):  # only it can check: it knows the map it was built for
             self.head.check(features.shape, x.shape)  # names the input size in the error
         return self.forward_head(features)  # (N, K)
 

@@ -1,43 +1,62 @@
-"""Training loop, checkpoints and metrics log for the gapnet classifiers.
+"""Training: one model on one dataset, in one process or as DistributedDataParallel under torchrun.
 
-`train(TrainConfig(...))` trains one model on one dataset and leaves in ``out_dir``:
+`train(TrainConfig(...))` trains one model and leaves in its run folder (`TrainConfig.run_dir`):
+``checkpoint.safetensors`` (weights, optimizer and RNG state, the configs and the train state;
+`gapnet.checkpoint`), ``config.json`` (the same configs, for humans) and ``metrics.jsonl`` (one
+JSON object per epoch). The checkpoint is written atomically at the end of every epoch and on
+Ctrl-C, at the exact step reached; `train(cfg, resume=True)` continues from it.
 
-- ``checkpoint.safetensors``: model weights, optimizer state and RNG state as tensors; the
-  TrainConfig, the ModelConfig and the train state (epoch, step, schedule, metrics so far) as JSON
-  in the safetensors metadata. Nothing is pickled, so loading a checkpoint never runs code.
-  Written atomically (temp file in the same folder, fsync, rename) at the end of every epoch and
-  on Ctrl-C, at the exact step reached.
-- ``config.json``: the same configs, for humans.
-- ``metrics.jsonl``: one JSON object per epoch.
+The loop is four phases over one explicit state object (`_Run`): `_setup` (data, model,
+optimizer, a restored checkpoint), `_run_epoch` (the optimizer steps of one epoch),
+`_end_epoch` (metrics reduced over the processes, evaluation, checkpoint) and `_finish`.
 
-Runs are deterministic: the batch order of epoch e comes from a generator seeded by (seed, e), the
-augmentation and dropout of step k from generators seeded by (seed, e, k). A run resumed from any
-saved step therefore repeats the uninterrupted run exactly (bitwise on CPU).
+Runs are deterministic: the batch order of epoch e comes from a generator seeded by (seed, e),
+the augmentation and dropout of step k from generators seeded by (seed, e, k). A run resumed
+from any saved step therefore repeats the uninterrupted run exactly (bitwise on CPU).
+
+**More than one process.** ``torchrun --nproc_per_node=N -m gapnet train ...`` (and torchrun's
+multi-node arguments) starts N copies; each sees torchrun's RANK/WORLD_SIZE/LOCAL_RANK and
+joins one process group (``gloo`` on CPU, ``nccl`` on CUDA, one GPU per process). The model is
+wrapped in DistributedDataParallel, which averages the gradients. ``batch_size`` is the GLOBAL
+batch: every optimizer step takes the same ``batch_size`` images as a one-process run, split
+across the processes (each gets about batch_size / N), so the same ``lr`` and ``epochs`` give
+the same schedule and the same images per step; keep both as they are to reproduce a
+one-process run. What differs is what per-process computation cannot share: BatchNorm
+statistics are those of each process's share of the batch (PyTorch's SyncBatchNorm needs a
+GPU), and each process draws its own augmentation, so N processes match one process within
+noise, not bit for bit. Metrics are summed over the processes; only rank 0 writes files and
+prints. Ctrl-C (or a killed process: torchrun stops the others) leaves the last checkpoint,
+which every write replaces atomically; resume with the same command and ``--resume``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import gc
 import math
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gapnet import checkpoint
+from gapnet import checkpoint, data, models
 from gapnet.checkpoint import CHECKPOINT, CONFIG_JSON, METRICS
+from gapnet.config import Config, option
 from gapnet.inference import evaluate, predict_proba
+from gapnet.models import HEADS, eval_mode
 
 __all__ = [
     "CHECKPOINT",
@@ -50,7 +69,6 @@ __all__ = [
     "train",
 ]
 
-
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("onecycle", "cosine", "constant")
 AUGMENTATIONS = ("none", "shift", "canvas")
@@ -59,7 +77,7 @@ CHANNELS_LAST_MODES = ("auto", "on", "off")
 
 # Fields that may differ between a checkpoint's config and the config that resumes it: none of
 # them changes what is computed, only how long, where and how verbosely.
-RESUMABLE_CHANGES = ("epochs", "out_dir", "threads", "log_every")
+RESUMABLE_CHANGES = ("epochs", "out_dir", "threads", "log_every", "workers")
 
 _ONECYCLE_START = 1 / 25  # onecycle starts (and its warmup ramps up from) lr/25, as torch's
 _ONECYCLE_END = 1 / 25e4  # ... and anneals to lr/25/1e4 (OneCycleLR's div_factors)
@@ -73,11 +91,11 @@ _ORDER, _AUGMENT, _GLOBAL = 1, 2, 3
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Config):
     """Everything that defines a training run; saved in its checkpoint and config.json.
 
-    Args:
-        (each field is commented where it is declared)
+    Each field is one ``gapnet train`` flag of the same name (``--batch-size``); its comment is
+    the flag's help.
 
     Example:
         >>> cfg = TrainConfig(model="convnet-tiny", epochs=3, train_size=1000)
@@ -90,150 +108,54 @@ class TrainConfig:
     """
 
     # data
-    data: str = "mnist-5k"  # gapnet.data.load spec: "mnist-5k", "digits", "idx:DIR", "cifar10:DIR"
-    image_size: int | None = None  # rescale images to S x S; None: keep the dataset's size
-    train_size: int | None = None  # stratified subset of the train split (sweeps: 250/1000/4000)
-    split_seed: int = 0  # train/test split where the data has none fixed (keep 0: canvas_mnist's)
+    data: str = option("mnist-5k", nonempty=True)  # dataset: mnist-5k, digits, folder:DIR, ...
+    image_size: int | None = option(None, low=1)  # resize images to S x S; None: their own size
+    train_size: int | None = option(None, low=1)  # stratified subset of the training split
+    split_seed: int = option(0, low=0)  # train/test split where the data has none fixed
     # model
-    model: str = "convnet"  # gapnet.models name: "convnet", "convnet-tiny", "nin"
-    head: str = "gap"  # "fc", "fc-dropout", "gap", "gap-fc", "gmp", "avgmax", "catavgmax", "gem"
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields: widths..
+    model: str = option("convnet", nonempty=True)  # backbone: convnet, convnet-tiny, nin
+    head: str = option("gap", choices=HEADS)  # classifier head: gap, fc, gap-fc, gmp, gem, ...
+    model_overrides: dict[str, Any] = option(default_factory=dict)  # ModelConfig fields: widths..
     # optimisation
-    epochs: int = 10  # passes over the training set
-    batch_size: int = 128  # images per optimizer step (the last step of an epoch may get fewer)
-    optimizer: str = "adamw"  # "adamw", or "sgd" (with momentum / nesterov below)
-    lr: float = 3e-3  # peak learning rate
-    momentum: float = 0.9  # SGD momentum
+    epochs: int = option(10, low=0)  # passes over the training set
+    batch_size: int = option(128, low=1)  # images per optimizer step, over all processes
+    optimizer: str = option("adamw", choices=OPTIMIZERS)  # adamw, or sgd (momentum, nesterov)
+    lr: float = option(3e-3, above=0)  # peak learning rate
+    momentum: float = option(0.9, low=0)  # SGD momentum
     nesterov: bool = True  # SGD: Nesterov momentum
-    weight_decay: float = 5e-2  # AdamW decoupled / SGD L2; only on weights with >= 2 dims
-    schedule: str = "onecycle"  # "onecycle" (lr/25 -> lr -> ~0), "cosine" (-> 0), "constant"
-    warmup: float = 0.2  # fraction of all steps spent ramping the lr up linearly (0: none)
-    label_smoothing: float = 0.0  # cross-entropy label smoothing
-    grad_clip: float = 0.0  # clip the global gradient norm to this; 0: off
-    seed: int = 0  # model init, subset, batch order, augmentation and dropout
+    weight_decay: float = option(5e-2, low=0)  # AdamW decoupled / SGD L2, weights with >= 2 dims
+    schedule: str = option("onecycle", choices=SCHEDULES)  # onecycle, cosine (to 0), constant
+    warmup: float = option(0.2, low=0, high=1)  # fraction of the steps ramping the lr up
+    label_smoothing: float = option(0.0, low=0, below=1)  # cross-entropy label smoothing
+    grad_clip: float = option(0.0, low=0)  # clip the global gradient norm to this; 0: off
+    seed: int = option(0, low=0)  # model init, subset, batch order, augmentation and dropout
     # augmentation (of training batches only; seeded per step)
-    augmentation: str = "none"  # "none", "shift" (translate), "canvas" (place on a blank canvas)
-    shift: int = 2  # "shift": max pixels moved along x and y
-    canvas_size: tuple[int, int] = (28, 56)  # "canvas": (min, max) side S, one S per batch
-    distractors: int = 0  # "canvas": stroke-like crops of other images pasted per canvas
+    augmentation: str = option("none", choices=AUGMENTATIONS)  # none, shift, or canvas
+    shift: int = option(2, low=0)  # "shift": max pixels moved along x and y
+    canvas_size: tuple[int, int] = option((28, 56), low=1)  # "canvas": MIN,MAX side, per batch
+    distractors: int = option(0, low=0)  # "canvas": stroke-like crops pasted per canvas
     # runtime (how, not what)
-    device: str = "auto"  # "auto" (cuda when present), "cpu", "cuda", "cuda:1", ...
-    amp: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; "bf16"; "off"
-    channels_last: str = "auto"  # "auto": channels_last memory format on CUDA; "on"; "off"
-    threads: int = 0  # torch.set_num_threads for the run; 0: every core this process may use
+    device: str = option("auto", nonempty=True)  # auto (cuda when present), cpu, cuda, cuda:1
+    amp: str = option("auto", choices=AMP_MODES)  # auto: bf16 autocast on CUDA; bf16; off
+    channels_last: str = option("auto", choices=CHANNELS_LAST_MODES)  # auto: on CUDA; on; off
+    threads: int = option(0, low=0)  # torch threads per process; 0: the cores it may use
+    workers: int = option(0, low=0)  # DataLoader processes decoding images; 0: in the loop
     # output
     out_dir: str = ""  # run folder; "": runs/<model>-<head>
-    eval_every: int = 1  # evaluate on the test split every N epochs (and after the last)
-    eval_batch_size: int = 256  # images per evaluation batch (on CPUs 128-256 beat 512)
-    log_every: int = 20  # steps between progress-bar updates (each one syncs the device)
+    eval_every: int = option(1, low=1)  # evaluate on the test split every N epochs (and last)
+    eval_batch_size: int = option(256, low=1)  # images per evaluation batch
+    log_every: int = option(20, low=1)  # steps between progress updates (each syncs)
 
-    def __post_init__(self) -> None:
-        for name in ("data", "model", "head", "device", "out_dir"):
-            if not isinstance(getattr(self, name), str):
-                raise ValueError(f"TrainConfig.{name} must be a string, got {self._got(name)}")
-        if not self.data or not self.model or not self.head:
-            empty = next(n for n in ("data", "model", "head") if not getattr(self, n))
-            raise ValueError(f"TrainConfig.{empty} must not be empty")
-        for name in ("image_size", "train_size"):
-            if getattr(self, name) is not None:
-                self._int(name, 1)
-        for name, low in (
-            ("split_seed", 0), ("epochs", 0), ("batch_size", 1), ("seed", 0), ("shift", 0),
-            ("distractors", 0), ("threads", 0), ("eval_every", 1), ("eval_batch_size", 1),
-            ("log_every", 1),
-        ):  # fmt: skip
-            self._int(name, low)
-        for name in ("lr", "momentum", "weight_decay", "label_smoothing", "grad_clip", "warmup"):
-            self._float(name)
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
-        if not 0 <= self.warmup <= 1:
-            raise ValueError(f"TrainConfig.warmup must be a fraction in [0, 1], got {self.warmup}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(
-                f"TrainConfig.label_smoothing must be in [0, 1), got {self.label_smoothing}"
-            )
-        if not isinstance(self.nesterov, bool):
-            raise ValueError(f"TrainConfig.nesterov must be a bool, got {self._got('nesterov')}")
-        for name, choices in (
-            ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("augmentation", AUGMENTATIONS),
-            ("amp", AMP_MODES), ("channels_last", CHANNELS_LAST_MODES),
-        ):  # fmt: skip
-            if getattr(self, name) not in choices:
-                raise ValueError(
-                    f"TrainConfig.{name} must be one of {', '.join(map(repr, choices))}, "
-                    f"got {self._got(name)}"
-                )
+    def validate(self) -> None:
         if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
             raise ValueError("TrainConfig: nesterov=True needs momentum > 0, got momentum=0")
-        cs = self.canvas_size
-        if (
-            not isinstance(cs, (tuple, list))
-            or len(cs) != 2
-            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in cs)
-            or cs[0] > cs[1]
-        ):
-            raise ValueError(
-                f"TrainConfig.canvas_size must be (min, max) positive ints with min <= max, "
-                f"got {cs!r}"
-            )
-        self.canvas_size = (int(cs[0]), int(cs[1]))
-        if not isinstance(self.model_overrides, dict):
-            raise ValueError(
-                f"TrainConfig.model_overrides must be a dict, got {self._got('model_overrides')}"
-            )
-        try:  # JSON-normalised (tuples become lists), so a reloaded config compares equal
-            self.model_overrides = json.loads(json.dumps(self.model_overrides))
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"TrainConfig.model_overrides must be JSON-serialisable: {e}") from e
-
-    def _got(self, name: str) -> str:
-        value = getattr(self, name)
-        return f"{value!r} ({type(value).__name__})"
-
-    def _int(self, name: str, low: int) -> None:
-        value = getattr(self, name)
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(f"TrainConfig.{name} must be an int >= {low}, got {self._got(name)}")
-        setattr(self, name, int(value))
-
-    def _float(self, name: str) -> None:
-        value = getattr(self, name)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float, np.integer, np.floating))
-            or not math.isfinite(value)
-            or value < 0
-        ):
-            raise ValueError(
-                f"TrainConfig.{name} must be a finite number >= 0, got {self._got(name)}"
-            )
-        setattr(self, name, float(value))
+        if self.canvas_size[0] > self.canvas_size[1]:
+            self.fail("canvas_size", "must be (min, max) with min <= max")
 
     @property
     def run_dir(self) -> Path:
         """The folder this run writes to: `out_dir`, or runs/<model>-<head> when it is empty."""
         return Path(self.out_dir) if self.out_dir else Path("runs") / f"{self.model}-{self.head}"
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field (tuples as lists)."""
-        d = dataclasses.asdict(self)
-        d["canvas_size"] = list(self.canvas_size)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """The config from `to_dict`'s output; missing keys take defaults, unknown keys fail."""
-        if not isinstance(d, dict):
-            raise ValueError(f"TrainConfig.from_dict needs a dict, got {type(d).__name__}")
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in d if k not in known]
-        if unknown:
-            raise ValueError(
-                f"TrainConfig: unknown key{'s' if len(unknown) > 1 else ''} "
-                f"{', '.join(map(repr, unknown))}; known keys: {', '.join(known)}"
-            )
-        return cls(**d)
 
 
 def _describe_diff(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -323,25 +245,585 @@ def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
     return cfg.lr * (end + (1 - end) * 0.5 * (1 + math.cos(math.pi * q)))
 
 
-# --------------------------------------------------------------------------- models
+# --------------------------------------------------------------------------- processes
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Which process of how many this is: torchrun's RANK, WORLD_SIZE and LOCAL_RANK."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that writes files and prints."""
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> Dist:
+        """The process's place as torchrun sets it in the environment (one process without)."""
+
+        def number(name: str, default: int) -> int:
+            text = os.environ.get(name, str(default))
+            try:
+                return int(text)
+            except ValueError:
+                raise ValueError(
+                    f"environment variable {name} must be an int, got {text!r}"
+                ) from None
+
+        world = number("WORLD_SIZE", 1)
+        rank, local = number("RANK", 0), number("LOCAL_RANK", 0)
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"torchrun environment: RANK={rank} is not in [0, WORLD_SIZE={world})")
+        return cls(rank, world, local)
+
+
+@contextmanager
+def _process_group(procs: Dist, device: torch.device) -> Iterator[None]:
+    """Join the process group of a multi-process run (gloo on CPU, nccl on CUDA) for its span."""
+    joined = procs.world > 1 and not dist.is_initialized()
+    if joined:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=procs.rank, world_size=procs.world)
+    try:
+        yield
+        if joined:  # leave together: a process that tears gloo down early can abort the other
+            dist.barrier()
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+def _all_sum(values: list[float], device: torch.device, procs: Dist) -> list[float]:
+    """The sum of each value over the processes (the values themselves in one process)."""
+    if procs.world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+class StepBatches(torch.utils.data.Sampler[list[int]]):
+    """This process's share of each step's batch, for one epoch, from step `start` on.
+
+    The global batches are the same in every process: `order` (a permutation; None keeps the
+    data's order) cut into runs of `batch_size` images. Images of different sizes never share a
+    batch: the images of each size keep their relative order and are cut into batches of their
+    own, and the batches are taken in the order of their first image. Each process then takes
+    every `world`-th image of each global batch (torch's DistributedSampler shards single images
+    instead, which would mix sizes and change what one step sees with the number of processes).
+    With `pad`, a batch smaller than `world` is repeated so that no process gets nothing (DDP
+    needs every process in every step); evaluation uses pad=False and counts each image once.
+
+    Example:
+        >>> sizes = np.array([[8, 8]] * 5)
+        >>> list(StepBatches(sizes, 2, torch.tensor([4, 3, 2, 1, 0])))
+        [[4, 3], [2, 1], [0]]
+        >>> list(StepBatches(sizes, 2, None, rank=1, world=2))
+        [[1], [3], [4]]
+    """
+
+    def __init__(
+        self,
+        sizes: np.ndarray,
+        batch_size: int,
+        order: Tensor | None,
+        *,
+        rank: int = 0,
+        world: int = 1,
+        start: int = 0,
+        pad: bool = True,
+    ) -> None:
+        n = len(sizes)
+        idx = np.arange(n) if order is None else order.numpy()
+        keys = sizes[idx] if n else np.zeros((0, 2), np.int64)  # (N, 2) in visiting order
+        batches: list[tuple[int, np.ndarray]] = []  # (position of the first image, batch)
+        for key in np.unique(keys, axis=0):
+            pos = np.flatnonzero((keys == key).all(axis=1))  # positions of this size, in order
+            for s in range(0, len(pos), batch_size):
+                chunk = pos[s : s + batch_size]
+                batches.append((int(chunk[0]), idx[chunk]))
+        batches.sort(key=lambda b: b[0])
+        self.steps = len(batches)
+        self._local: list[list[int]] = []
+        for _, b in batches[start:]:
+            if pad and len(b) < world:
+                b = np.resize(b, world)  # repeats the batch's own images
+            self._local.append(b[rank::world].tolist())
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._local)
+
+    def __len__(self) -> int:
+        return len(self._local)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class _Run:
+    """Everything a training run holds while it runs; the phases below read and change it."""
+
+    cfg: TrainConfig
+    procs: Dist
+    device: torch.device
+    amp: bool  # bf16 autocast
+    fmt: torch.memory_format  # of the inputs (and conv weights)
+    train_set: data.ImageDataset
+    test_set: data.ImageDataset
+    classes: list[str]
+    model: nn.Module  # the GapNet
+    net: nn.Module  # what the steps call: DistributedDataParallel(model), or model
+    model_cfg: dict[str, Any]
+    optimizer: torch.optim.Optimizer
+    steps: int  # optimizer steps per epoch
+    state: _State
+    loss_sum: Tensor  # this process's summed training loss in the epoch in progress
+    correct: Tensor  # ... and its correct predictions
+    bar: _Progress
+    ckpt: Path
+    resumed: bool
+    counts: dict[str, int] = field(default_factory=dict)
+    clock: float = 0.0  # perf_counter when this session's part of the epoch began
+    busy: bool = False  # a step or an epoch's end is half done: no consistent state to save
+    skipped: set[str] = field(default_factory=set)  # unreadable image files met so far
+    stopping: bool = False  # every process agreed to stop at this step (so it can be saved)
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.epochs * self.steps
+
+    def epoch_time(self, before: float) -> float:
+        return before + time.perf_counter() - self.clock
+
+
+def _setup(cfg: TrainConfig, procs: Dist, resume: bool, overwrite: bool, progress: bool) -> _Run:
+    """Phase 1: check the run folder, open the data, build (or restore) model and optimizer."""
+    ckpt = cfg.run_dir / CHECKPOINT
+    saved = _saved_run(cfg, ckpt, resume, overwrite)
+    device = _resolve_device(cfg, procs)
+    cuda = device.type == "cuda"
+    fmt = torch.channels_last if cfg.channels_last == "on" or (
+        cfg.channels_last == "auto" and cuda
+    ) else torch.contiguous_format  # fmt: skip
+    bar = _Progress(progress and procs.main, cfg.epochs, 0, quiet=not procs.main)
+    train_set, test_set, classes = _open_data(cfg)
+    torch.manual_seed(cfg.seed)
+    model = saved.build_model().train() if saved else _create_model(cfg, classes, train_set)
+    train_set, test_set = _fit_sizes(model, train_set, test_set, bar)
+    steps = StepBatches(train_set.sizes, cfg.batch_size, None).steps
+    model.to(device)
+    cast(Any, model).to(memory_format=fmt)  # conv weights too (typeshed lacks the kwarg)
+    net: nn.Module = model
+    if procs.world > 1:
+        ids = [device.index] if cuda else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    run = _Run(
+        cfg, procs, device, cfg.amp == "bf16" or (cfg.amp == "auto" and cuda), fmt,
+        train_set, test_set, classes, model, net, _model_config(model),
+        _make_optimizer(model, cfg), steps, _State(),
+        torch.zeros((), dtype=torch.float64, device=device),
+        torch.zeros((), dtype=torch.int64, device=device),
+        bar, ckpt, saved is not None,
+    )  # fmt: skip
+    bar.steps = steps
+    if saved is not None:
+        _restore(run, saved)
+    run.counts = _param_counts(model)
+    if procs.main:
+        human = {"train": cfg.to_dict(), "model": run.model_cfg, "param_counts": run.counts}
+        checkpoint.write_json(cfg.run_dir / CONFIG_JSON, human)
+        checkpoint.write_jsonl(cfg.run_dir / METRICS, run.state.metrics)
+    return run
+
+
+def _saved_run(
+    cfg: TrainConfig, ckpt: Path, resume: bool, overwrite: bool
+) -> checkpoint.Checkpoint | None:
+    """The checkpoint to resume (checked against `cfg`), or None for a fresh run."""
+    if not resume:
+        if ckpt.exists() and not overwrite:
+            raise FileExistsError(
+                f"{str(cfg.run_dir)!r} already holds a run ({CHECKPOINT}); resume it "
+                "(resume=True), pick another out_dir, or pass overwrite=True to replace it"
+            )
+        return None
+    if not ckpt.is_file():
+        raise FileNotFoundError(
+            f"cannot resume: no checkpoint {str(ckpt)!r}; start the run without resume"
+        )
+    saved, saved_cfg = _read_run(ckpt)
+    diff = _describe_diff(saved_cfg.to_dict(), cfg.to_dict())
+    if diff:
+        raise ValueError(
+            f"cannot resume {str(ckpt)!r} with a different config (only "
+            f"{', '.join(RESUMABLE_CHANGES)} may change): " + "; ".join(diff)
+        )
+    if saved.state["epoch"] > cfg.epochs:
+        raise ValueError(
+            f"cannot resume {str(ckpt)!r} with epochs={cfg.epochs}: it has already trained "
+            f"{saved.state['epoch']} epochs"
+        )
+    return saved
+
+
+def _restore(run: _Run, saved: checkpoint.Checkpoint) -> None:
+    """Put a saved run's optimizer, RNG, counters and accumulators back (every process)."""
+    state, tensors = saved.state, saved.tensors
+    n = len(run.train_set)
+    if state.get("train_images") != n or state.get("steps_per_epoch") != run.steps:
+        raise ValueError(
+            f"cannot resume {str(run.ckpt)!r}: it was trained on {state.get('train_images')} "
+            f"images, {run.cfg.data!r} now gives {n}; the data has changed"
+        )
+    checkpoint.load_optimizer(run.optimizer, tensors, state.get("optimizer_scalars", {}))
+    checkpoint.restore_rng(tensors)
+    run.state = _State(**{f.name: state[f.name] for f in dataclasses.fields(_State)})
+    if run.procs.main:  # the saved sums are of all processes: rank 0 carries them on
+        run.loss_sum.copy_(tensors["train.loss_sum"])
+        run.correct.copy_(tensors["train.correct"])
+    else:
+        run.state.seen = 0
+    if run.state.epoch < run.cfg.epochs:
+        run.bar.message(
+            f"resuming {run.ckpt} at epoch {run.state.epoch + 1}, step {run.state.step}/{run.steps}"
+        )
+
+
+def _run_epoch(run: _Run, guard: _SigintGuard, on_step: Callable[[int, int], None] | None) -> None:
+    """Phase 2: the remaining optimizer steps of epoch `run.state.epoch`."""
+    cfg, st = run.cfg, run.state
+    e = st.epoch
+    order = torch.randperm(len(run.train_set), generator=_generator(cfg.seed, _ORDER, e, 0))
+    batches = StepBatches(run.train_set.sizes, cfg.batch_size, order, rank=run.procs.rank,
+                          world=run.procs.world, start=st.step)  # fmt: skip
+    run.clock, before = time.perf_counter(), st.epoch_seconds
+    run.net.train()
+    for k, batch in enumerate(_loader(run, run.train_set, batches), st.step):
+        _stop_if_asked(run, guard, every=cfg.log_every)
+        run.busy = True
+        _train_step(run, batch, e, k)
+        st.epoch_seconds = run.epoch_time(before)
+        run.busy = False
+        if run.bar.live and (st.step % cfg.log_every == 0 or st.step == run.steps):
+            seen, rate = max(st.seen, 1), st.seen * run.procs.world / max(st.epoch_seconds, 1e-9)
+            loss, acc = run.loss_sum.item() / seen, run.correct.item() / seen
+            run.bar.step(e, st.step, loss, acc, rate, st.lr)
+        if on_step is not None:
+            on_step(e, st.step)
+    _stop_if_asked(run, guard, every=1)
+
+
+def _train_step(run: _Run, batch: data.Batch, e: int, k: int) -> None:
+    """Optimizer step k of epoch e; everything random in it is seeded by (seed, e, k, process)."""
+    cfg, st, device = run.cfg, run.state, run.device
+    _note_skipped(run, batch)
+    stream = k * run.procs.world + run.procs.rank  # one process: k
+    lr = lr_at(cfg, st.global_step, run.total_steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    y = batch.labels.to(device, non_blocking=True)  # (B,)
+    if len(y):
+        x = batch.images.to(device, non_blocking=True)  # (B, C, H, W)
+        x = _augment(cfg, x, _generator(cfg.seed, _AUGMENT, e, stream)).contiguous(
+            memory_format=run.fmt
+        )
+        torch.manual_seed(_seed(cfg.seed, _GLOBAL, e, stream))  # dropout
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.amp):
+            logits = run.net(x).float()  # (B, K)
+        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        run.loss_sum.add_(loss.detach().double() * len(y))  # no .item(): no device sync
+        run.correct.add_((logits.detach().argmax(1) == y).sum())
+    elif run.procs.world > 1:  # every image unreadable: take part in the gradient average
+        loss = sum((p.sum() for p in run.net.parameters()), torch.zeros((), device=device)) * 0
+    if len(y) or run.procs.world > 1:
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+        run.optimizer.step()
+    st.step, st.lr = k + 1, lr
+    st.global_step += 1
+    st.seen += len(y)
+
+
+def _stop_if_asked(run: _Run, guard: _SigintGuard, every: int) -> None:
+    """Raise KeyboardInterrupt at this step boundary if Ctrl-C was pressed (in any process:
+    under torchrun the processes agree every `every` steps, so all stop at the same step)."""
+    if run.procs.world == 1:
+        guard.check()
+    elif run.state.step % every == 0:
+        flag = torch.tensor([float(guard.requested)], device=run.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            run.stopping = True
+            raise KeyboardInterrupt
+
+
+def _end_epoch(run: _Run) -> dict[str, Any]:
+    """Phase 3: the epoch's metrics (over all processes), evaluated when due; state moves on."""
+    cfg, st = run.cfg, run.state
+    e = st.epoch
+    loss_sum, correct, seen = _all_sum(
+        [run.loss_sum.item(), float(run.correct.item()), float(st.seen)], run.device, run.procs
+    )
+    seconds = st.epoch_seconds  # the device has finished the epoch: .item() synced it
+    test_acc = test_loss = None
+    if (e + 1) % cfg.eval_every == 0 or e + 1 == cfg.epochs:
+        test_acc, test_loss = _evaluate(run, run.test_set)
+    row = {
+        "epoch": e + 1, "step": st.global_step,
+        "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+        "test_loss": test_loss, "test_acc": test_acc, "lr": st.lr, "seconds": seconds,
+    }  # fmt: skip
+    run.busy = True
+    st.epoch, st.step, st.seen, st.epoch_seconds = e + 1, 0, 0, 0.0
+    st.seconds += seconds
+    st.metrics = [*st.metrics, row]
+    run.loss_sum.zero_()
+    run.correct.zero_()
+    run.busy = False
+    return row
+
+
+def _evaluate(run: _Run, dataset: data.ImageDataset) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of rank 0's model on `dataset`, shared by the processes."""
+    if run.procs.world > 1:  # evaluate (and save) rank 0's BatchNorm statistics everywhere
+        for b in run.model.buffers():
+            dist.broadcast(b, 0)
+    batches = StepBatches(dataset.sizes, run.cfg.eval_batch_size, None, rank=run.procs.rank,
+                          world=run.procs.world, pad=False)  # fmt: skip
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    correct = torch.zeros((), dtype=torch.int64, device=run.device)
+    seen = 0
+    with eval_mode(run.model):
+        for batch in _loader(run, dataset, batches):
+            _note_skipped(run, batch)
+            if not len(batch.labels):
+                continue
+            x = batch.images.to(run.device).contiguous(memory_format=run.fmt)
+            y = batch.labels.to(run.device)
+            with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.amp):
+                logits = run.model(x).float()  # (B, K)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+    total, right, n = _all_sum([loss_sum.item(), float(correct.item()), float(seen)],
+                               run.device, run.procs)  # fmt: skip
+    if n == 0:
+        raise ValueError(f"dataset {run.cfg.data!r}: no readable image to evaluate on")
+    return right / n, total / n
+
+
+def _save(run: _Run) -> None:
+    """The checkpoint at the step reached (rank 0 writes the sums of every process)."""
+    st = run.state
+    loss_sum, correct, seen = _all_sum(
+        [run.loss_sum.item(), float(run.correct.item()), float(st.seen)], run.device, run.procs
+    )
+    if not run.procs.main:
+        return
+    accumulators = {
+        "loss_sum": torch.tensor(loss_sum, dtype=torch.float64),
+        "correct": torch.tensor(int(correct), dtype=torch.int64),
+    }
+    _save_checkpoint(run.ckpt, run.cfg, run.model, run.model_cfg, run.optimizer,
+                     dataclasses.replace(st, seen=int(seen)), accumulators, run.steps,
+                     len(run.train_set), run.classes)  # fmt: skip
+
+
+def _finish(run: _Run) -> TrainResult:
+    """Phase 4: the final model's accuracy on the clean training images and the test split."""
+    cfg, st = run.cfg, run.state
+    if not st.metrics and not run.resumed:  # a 0-epoch run: keep its initial state
+        _save(run)
+    train_acc, train_loss = _evaluate(run, run.train_set)
+    last = st.metrics[-1] if st.metrics else None
+    if last is not None and last["test_acc"] is not None:
+        test_acc, test_loss = last["test_acc"], last["test_loss"]
+    else:
+        test_acc, test_loss = _evaluate(run, run.test_set)
+    if run.skipped:
+        run.bar.message(f"skipped {len(run.skipped)} unreadable image file(s), named above")
+    return TrainResult(st.metrics, train_acc, train_loss, test_acc, test_loss, st.seconds,
+                       run.counts, run.ckpt, run.model.eval(), cfg)  # fmt: skip
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    progress: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_step: Callable[[int, int], None] | None = None,
+) -> TrainResult:
+    """Train `cfg.model` with head `cfg.head` on `cfg.data`; checkpoint and log to the run folder.
+
+    Runs in one process, or, when started by torchrun, as one of its processes (see the module
+    docstring). Seeds torch's global RNG (model init, dropout). Ctrl-C stops at the next step
+    boundary, saves the checkpoint at exactly that step and re-raises KeyboardInterrupt; a
+    second Ctrl-C stops at once (and keeps the last checkpoint if a step was half done).
+
+    Args:
+        cfg: the run.
+        progress: show a progress bar and one line per epoch on stderr (rank 0 only).
+        resume: continue the run saved in `cfg.run_dir`. Its config must equal `cfg` except in
+            `RESUMABLE_CHANGES` (epochs, out_dir, threads, log_every, workers); a complete run
+            just returns its result (or trains on, when `cfg.epochs` is larger).
+        overwrite: start afresh even if the run folder already holds a checkpoint (which is
+            otherwise an error, so that no run is lost by accident).
+        on_step: called as ``on_step(epoch, step)`` after every optimizer step (epoch 0-based,
+            step = steps done in that epoch); raising KeyboardInterrupt there stops the run
+            as Ctrl-C does.
+
+    Returns:
+        a `TrainResult`.
+
+    Example:
+        >>> import tempfile
+        >>> cfg = TrainConfig(data="digits", model="convnet-tiny", epochs=1, train_size=200,
+        ...                   threads=1, out_dir=tempfile.mkdtemp())
+        >>> result = train(cfg, progress=False)
+        >>> [row["epoch"] for row in result.metrics], result.checkpoint.name
+        ([1], 'checkpoint.safetensors')
+    """
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"train needs a TrainConfig, got {type(cfg).__name__}")
+    procs = Dist.from_env()
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads or max(1, _default_threads() // procs.world))
+    try:
+        with _process_group(procs, _resolve_device(cfg, procs)):
+            run = _setup(cfg, procs, resume, overwrite, progress)
+            try:
+                _train_epochs(run, on_step)
+                return _finish(run)
+            finally:
+                _release(run)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _release(run: _Run) -> None:
+    """Drop DDP (and its reducer's gloo/nccl work) while the process group is still alive:
+    freed after the group is destroyed, gloo's threads can abort the process at exit."""
+    if run.net is not run.model:
+        run.net = run.model
+        gc.collect()
+
+
+def _train_epochs(run: _Run, on_step: Callable[[int, int], None] | None) -> None:
+    """Phases 2 and 3 until the last epoch; Ctrl-C saves the step reached and re-raises."""
+    cfg, st = run.cfg, run.state
+    try:
+        with _SigintGuard() as guard:
+            while st.epoch < cfg.epochs:
+                _run_epoch(run, guard, on_step)
+                run.bar.epoch(_end_epoch(run))
+                _save(run)
+                if run.procs.main:
+                    checkpoint.write_jsonl(cfg.run_dir / METRICS, st.metrics)
+    except KeyboardInterrupt:
+        if run.busy or (run.procs.world > 1 and not run.stopping):
+            run.bar.message(
+                f"interrupted in the middle of epoch {st.epoch + 1}, step {st.step + 1}; "
+                f"the last checkpoint {str(run.ckpt)!r} is kept"
+            )
+            raise
+        _save(run)
+        run.bar.message(
+            f"interrupted at epoch {st.epoch + 1}/{cfg.epochs}, step {st.step}/{run.steps}; "
+            f"saved {str(run.ckpt)!r}. Resume with train(cfg, resume=True) "
+            "(command line: the same arguments and --resume)"
+        )
+        raise
+
+
+# --------------------------------------------------------------------------- data and model
+
+
+def _open_data(cfg: TrainConfig) -> tuple[data.ImageDataset, data.ImageDataset, list[str]]:
+    """The train (subset) and test splits of `cfg.data`, streamed, and the class names."""
+    ds = data.open_dataset(cfg.data, seed=cfg.split_seed, size=cfg.image_size)
+    train_set = ds.train
+    if cfg.train_size is not None:
+        if cfg.train_size > len(train_set):
+            raise ValueError(
+                f"TrainConfig.train_size is {cfg.train_size}, but {cfg.data!r} has only "
+                f"{len(train_set)} training images"
+            )
+        train_set = data.stratified_subset(train_set, cfg.train_size, seed=cfg.seed)
+    if len(train_set) == 0 or len(ds.test) == 0:
+        raise ValueError(f"dataset {cfg.data!r} has an empty train or test split")
+    return train_set, ds.test, ds.classes
 
 
 def _create_model(
-    cfg: TrainConfig, num_classes: int, in_chans: int, image_size: tuple[int, int]
-) -> nn.Module:
-    from gapnet import models
-
+    cfg: TrainConfig, classes: list[str], train_set: data.ImageDataset
+) -> models.GapNet:
     overrides = dict(cfg.model_overrides)
-    if image_size[0] == image_size[1]:  # size the fc heads for the data (GAP heads take any)
-        overrides.setdefault("input_size", image_size[0])
-    if cfg.augmentation == "canvas" and cfg.head in models.FC_HEADS:
+    h, w = train_set.image_size
+    if h == w:  # size the fc heads for the data (global-pooling heads take any size)
+        overrides.setdefault("input_size", h)
+    model = models.create(
+        cfg.model, num_classes=len(classes), in_chans=train_set.in_chans, head=cfg.head,
+        **overrides,
+    )  # fmt: skip
+    if model.input_size is not None and cfg.augmentation == "canvas":
         raise ValueError(
             f"TrainConfig: head {cfg.head!r} takes only one input size, but augmentation "
             "'canvas' varies it; use a global-pooling head or another augmentation"
         )
-    return models.create(
-        cfg.model, num_classes=num_classes, in_chans=in_chans, head=cfg.head, **overrides
+    return model
+
+
+def _fit_sizes(
+    model: models.GapNet, train_set: data.ImageDataset, test_set: data.ImageDataset, bar: _Progress
+) -> tuple[data.ImageDataset, data.ImageDataset]:
+    """Resize the images to the one size a fixed-size (fc) head takes, saying so; others keep
+    each image's own size (their batches are bucketed by size)."""
+    s = model.input_size
+    sizes = {tuple(x) for x in np.concatenate([train_set.sizes, test_set.sizes]).tolist()}
+    if s is None or sizes <= {(s, s)}:
+        return train_set, test_set
+    shown = ", ".join(f"{h}x{w}" for h, w in sorted(sizes)[:4]) + (
+        ", ..." if len(sizes) > 4 else ""
     )
+    bar.message(
+        f"resizing every image ({shown}) to {s}x{s}: the {model.config.head} head takes one "
+        "input size only (global-pooling heads train at each image's own size)"
+    )
+    return train_set.resized(s), test_set.resized(s)
+
+
+def _loader(run: _Run, dataset: data.ImageDataset, batches: StepBatches) -> Any:
+    """The DataLoader of `batches` (decoding in `workers` processes, if any)."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, collate_fn=data.collate, num_workers=run.cfg.workers,
+        pin_memory=run.device.type == "cuda",
+    )  # fmt: skip
+
+
+def _note_skipped(run: _Run, batch: data.Batch) -> None:
+    """Remember unreadable files; a DataLoader worker's warning may not reach this process."""
+    for item in batch.skipped:
+        if item.path not in run.skipped:
+            run.skipped.add(item.path)
+            if run.cfg.workers:
+                warnings.warn(f"skipping {item.reason}", data.UnreadableImageWarning, stacklevel=2)
+
+
+def _augment(cfg: TrainConfig, x: Tensor, g: torch.Generator) -> Tensor:
+    if cfg.augmentation == "shift":
+        return data.random_shift(x, cfg.shift, g)
+    if cfg.augmentation == "canvas":
+        lo, hi = cfg.canvas_size
+        return data.random_canvas(x, lo, hi, g, distractors=cfg.distractors)[0]
+    return x
 
 
 def _model_config(model: nn.Module) -> dict[str, Any]:
@@ -366,7 +848,7 @@ def _param_counts(model: nn.Module) -> dict[str, int]:
 
 def load_checkpoint(
     path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
-) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
+) -> tuple[models.GapNet, TrainConfig, dict[str, Any]]:
     """The model, TrainConfig and train state saved in a checkpoint, for eval and predict.
 
     Reads no pickle and runs no code from the file: weights are safetensors, configs are JSON.
@@ -446,7 +928,7 @@ def _save_checkpoint(
     checkpoint.save(path, tensors, metadata)
 
 
-# --------------------------------------------------------------------------- training
+# --------------------------------------------------------------------------- helpers
 
 
 def _seed(*words: int) -> int:
@@ -459,15 +941,20 @@ def _generator(*words: int) -> torch.Generator:
     return torch.Generator().manual_seed(_seed(*words))
 
 
-def _resolve_device(cfg: TrainConfig) -> torch.device:
+def _resolve_device(cfg: TrainConfig, procs: Dist) -> torch.device:
+    """`cfg.device`; under torchrun on CUDA, the process's own GPU (LOCAL_RANK)."""
     if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(cfg.device)
-    except RuntimeError as e:
-        raise ValueError(f"TrainConfig.device: {e}") from None
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(cfg.device)
+        except RuntimeError as e:
+            raise ValueError(f"TrainConfig.device: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"TrainConfig.device is {cfg.device!r}, but CUDA is not available here")
+    if device.type == "cuda" and procs.world > 1:
+        device = torch.device("cuda", procs.local_rank)
+        torch.cuda.set_device(device)
     return device
 
 
@@ -493,8 +980,8 @@ def _default_threads() -> int:
 class _Progress:
     """Progress on stderr: a live line on a terminal, and one line per epoch."""
 
-    def __init__(self, enabled: bool, epochs: int, steps: int) -> None:
-        self.enabled, self.epochs, self.steps = enabled, epochs, steps
+    def __init__(self, enabled: bool, epochs: int, steps: int, *, quiet: bool = False) -> None:
+        self.enabled, self.epochs, self.steps, self.quiet = enabled, epochs, steps, quiet
         self.live = enabled and sys.stderr.isatty()
         self.width = 0
 
@@ -526,7 +1013,9 @@ class _Progress:
             )
 
     def message(self, text: str) -> None:
-        """Always shown: interrupts and resumes matter even without a progress bar."""
+        """Shown even without a progress bar (interrupts and resumes matter), unless quiet."""
+        if self.quiet:
+            return
         if self.width:
             self._emit("", "\n")
         sys.stderr.write(text + "\n")
@@ -562,288 +1051,3 @@ class _SigintGuard:
     def check(self) -> None:
         if self.requested:
             raise KeyboardInterrupt
-
-
-def _load_data(cfg: TrainConfig) -> tuple[Any, Any, list[str], int, tuple[int, int]]:
-    """Train and test ImageSets, class names, input channels and image size."""
-    from gapnet import data
-
-    ds = data.load(cfg.data, seed=cfg.split_seed, size=cfg.image_size)
-    train_set = ds.train
-    if cfg.train_size is not None:
-        if cfg.train_size > len(train_set):
-            raise ValueError(
-                f"TrainConfig.train_size is {cfg.train_size}, but {cfg.data!r} has only "
-                f"{len(train_set)} training images"
-            )
-        train_set = data.stratified_subset(train_set, cfg.train_size, seed=cfg.seed)
-    if len(train_set) == 0 or len(ds.test) == 0:
-        raise ValueError(f"dataset {cfg.data!r} has an empty train or test split")
-    return train_set, ds.test, ds.classes, ds.in_chans, ds.image_size
-
-
-def _augment(cfg: TrainConfig, x: Tensor, g: torch.Generator) -> Tensor:
-    from gapnet import data
-
-    if cfg.augmentation == "shift":
-        return data.random_shift(x, cfg.shift, g)
-    if cfg.augmentation == "canvas":
-        lo, hi = cfg.canvas_size
-        return data.random_canvas(x, lo, hi, g, distractors=cfg.distractors)[0]
-    return x
-
-
-def _human_config(
-    cfg: TrainConfig, model_cfg: dict[str, Any], counts: dict[str, int]
-) -> dict[str, Any]:
-    return {"train": cfg.to_dict(), "model": model_cfg, "param_counts": counts}
-
-
-def train(
-    cfg: TrainConfig,
-    *,
-    progress: bool = True,
-    resume: bool = False,
-    overwrite: bool = False,
-    on_step: Callable[[int, int], None] | None = None,
-) -> TrainResult:
-    """Train `cfg.model` with head `cfg.head` on `cfg.data`; checkpoint and log to the run folder.
-
-    Seeds torch's global RNG (model init, dropout). Ctrl-C stops at the next step boundary,
-    saves the checkpoint at exactly that step and re-raises KeyboardInterrupt; a second Ctrl-C
-    stops at once (and keeps the last checkpoint if a step was half done).
-
-    Args:
-        cfg: the run.
-        progress: show a progress bar and one line per epoch on stderr.
-        resume: continue the run saved in `cfg.run_dir`. Its config must equal `cfg` except in
-            `RESUMABLE_CHANGES` (epochs, out_dir, threads, log_every); a complete run just
-            returns its result (or trains on, when `cfg.epochs` is larger).
-        overwrite: start afresh even if the run folder already holds a checkpoint (which is
-            otherwise an error, so that no run is lost by accident).
-        on_step: called as ``on_step(epoch, step)`` after every optimizer step (epoch 0-based,
-            step = steps done in that epoch); raising KeyboardInterrupt there stops the run
-            as Ctrl-C does.
-
-    Returns:
-        a `TrainResult`.
-
-    Example:
-        >>> import tempfile
-        >>> cfg = TrainConfig(data="digits", model="convnet-tiny", epochs=1, train_size=200,
-        ...                   threads=1, out_dir=tempfile.mkdtemp())
-        >>> result = train(cfg, progress=False)
-        >>> [row["epoch"] for row in result.metrics], result.checkpoint.name
-        ([1], 'checkpoint.safetensors')
-    """
-    if not isinstance(cfg, TrainConfig):
-        raise TypeError(f"train needs a TrainConfig, got {type(cfg).__name__}")
-    run_dir = cfg.run_dir
-    ckpt = run_dir / CHECKPOINT
-    device = _resolve_device(cfg)
-    cuda = device.type == "cuda"
-    amp = cfg.amp == "bf16" or (cfg.amp == "auto" and cuda)
-    fmt = (
-        torch.channels_last
-        if cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda)
-        else torch.contiguous_format
-    )
-
-    saved: checkpoint.Checkpoint | None = None
-    if resume:
-        if not ckpt.is_file():
-            raise FileNotFoundError(
-                f"cannot resume: no checkpoint {str(ckpt)!r}; start the run without resume"
-            )
-        saved, saved_cfg = _read_run(ckpt)
-        diff = _describe_diff(saved_cfg.to_dict(), cfg.to_dict())
-        if diff:
-            raise ValueError(
-                f"cannot resume {str(ckpt)!r} with a different config (only "
-                f"{', '.join(RESUMABLE_CHANGES)} may change): " + "; ".join(diff)
-            )
-    elif ckpt.exists() and not overwrite:
-        raise FileExistsError(
-            f"{str(run_dir)!r} already holds a run ({CHECKPOINT}); resume it (resume=True), "
-            "pick another out_dir, or pass overwrite=True to replace it"
-        )
-
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads or _default_threads())
-    try:
-        train_set, test_set, classes, in_chans, image_size = _load_data(cfg)
-        num_classes = len(classes)
-        n = len(train_set)
-        steps = -(-n // cfg.batch_size)
-        total_steps = cfg.epochs * steps
-        st = _State()
-        torch.manual_seed(cfg.seed)
-        if saved is None:
-            model = _create_model(cfg, num_classes, in_chans, image_size)
-            model_cfg = _model_config(model)
-        else:
-            tensors, state = saved.tensors, saved.state
-            model_cfg = saved.model_config.to_dict()
-            if state.get("train_images") != n or state.get("steps_per_epoch") != steps:
-                raise ValueError(
-                    f"cannot resume {str(ckpt)!r}: it was trained on {state.get('train_images')}"
-                    f" images, {cfg.data!r} now gives {n}; the data has changed"
-                )
-            if state["epoch"] > cfg.epochs:
-                raise ValueError(
-                    f"cannot resume {str(ckpt)!r} with epochs={cfg.epochs}: it has already "
-                    f"trained {state['epoch']} epochs"
-                )
-            model = saved.build_model().train()
-            st = _State(**{f.name: state[f.name] for f in dataclasses.fields(_State)})
-        model.to(device)
-        cast(Any, model).to(memory_format=fmt)  # conv weights too (typeshed lacks the kwarg)
-        optimizer = _make_optimizer(model, cfg)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        if saved is not None:
-            checkpoint.load_optimizer(optimizer, tensors, state.get("optimizer_scalars", {}))
-            checkpoint.restore_rng(tensors)
-            loss_sum.copy_(tensors["train.loss_sum"])
-            correct.copy_(tensors["train.correct"])
-
-        counts = _param_counts(model)
-        checkpoint.write_json(run_dir / CONFIG_JSON, _human_config(cfg, model_cfg, counts))
-        checkpoint.write_jsonl(run_dir / METRICS, st.metrics)
-        bar = _Progress(progress, cfg.epochs, steps)
-        if saved is not None and st.epoch < cfg.epochs and progress:
-            bar.message(f"resuming {ckpt} at epoch {st.epoch + 1}, step {st.step}/{steps}")
-
-        x_train = train_set.images.to(device)  # (N, C, H, W), all of it: the sets are small
-        y_train = train_set.labels.to(device)  # (N,)
-
-        clock = {"start": time.perf_counter(), "before": st.epoch_seconds}
-
-        def epoch_time() -> float:
-            return clock["before"] + time.perf_counter() - clock["start"]
-
-        def train_step(e: int, k: int, order: Tensor) -> None:
-            """Optimizer step k of epoch e; everything random in it is seeded by (seed, e, k)."""
-            idx = order[k * cfg.batch_size : (k + 1) * cfg.batch_size].to(device)  # (B,)
-            g = _generator(cfg.seed, _AUGMENT, e, k)
-            x = _augment(cfg, x_train[idx], g).contiguous(memory_format=fmt)  # (B, C, H, W)
-            y = y_train[idx]  # (B,)
-            torch.manual_seed(_seed(cfg.seed, _GLOBAL, e, k))  # dropout
-            lr = lr_at(cfg, st.global_step, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(x).float()  # (B, K)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            loss_sum.add_(loss.detach().double() * len(y))  # no .item(): no device sync
-            correct.add_((logits.detach().argmax(1) == y).sum())
-            st.step, st.lr = k + 1, lr
-            st.global_step += 1
-            st.seen += len(y)
-            st.epoch_seconds = epoch_time()
-
-        def epoch_row(e: int) -> dict[str, Any]:
-            """The metrics of epoch e, evaluated on the test split when it is due."""
-            train_loss, train_acc = loss_sum.item() / st.seen, correct.item() / st.seen
-            seconds = epoch_time()  # after .item(): the device has finished the epoch
-            test_acc = test_loss = None
-            if (e + 1) % cfg.eval_every == 0 or e + 1 == cfg.epochs:
-                test_acc, test_loss = evaluate(
-                    model, test_set.images, test_set.labels,
-                    batch_size=cfg.eval_batch_size, amp=amp,
-                )  # fmt: skip
-            row = {
-                "epoch": e + 1, "step": st.global_step,
-                "train_loss": train_loss, "train_acc": train_acc,
-                "test_loss": test_loss, "test_acc": test_acc,
-                "lr": st.lr, "seconds": seconds,
-            }  # fmt: skip
-            return row
-
-        def next_epoch(row: dict[str, Any]) -> None:
-            st.epoch, st.step, st.seen, st.epoch_seconds = row["epoch"], 0, 0, 0.0
-            st.seconds += row["seconds"]
-            st.metrics = [*st.metrics, row]
-            loss_sum.zero_()
-            correct.zero_()
-
-        def save() -> None:
-            _save_checkpoint(
-                ckpt, cfg, model, model_cfg, optimizer, st,
-                {"loss_sum": loss_sum, "correct": correct}, steps, n, classes,
-            )  # fmt: skip
-
-        busy = False  # True while a step or an epoch's end is half done: no consistent state
-        try:
-            with _SigintGuard() as guard:
-                model.train()
-                while st.epoch < cfg.epochs:
-                    e = st.epoch
-                    order = torch.randperm(n, generator=_generator(cfg.seed, _ORDER, e, 0))
-                    clock.update(start=time.perf_counter(), before=st.epoch_seconds)
-                    for k in range(st.step, steps):
-                        guard.check()
-                        busy = True
-                        train_step(e, k, order)
-                        busy = False
-                        if bar.live and (st.step % cfg.log_every == 0 or st.step == steps):
-                            bar.step(
-                                e, st.step, loss_sum.item() / st.seen, correct.item() / st.seen,
-                                st.seen / max(st.epoch_seconds, 1e-9), st.lr,
-                            )  # fmt: skip
-                        if on_step is not None:
-                            on_step(e, st.step)
-                    guard.check()
-                    row = epoch_row(e)
-                    busy = True
-                    next_epoch(row)
-                    busy = False
-                    bar.epoch(row)
-                    save()
-                    checkpoint.write_jsonl(run_dir / METRICS, st.metrics)
-        except KeyboardInterrupt:
-            if busy:
-                bar.message(
-                    f"interrupted in the middle of epoch {st.epoch + 1}, step {st.step + 1}; "
-                    f"the last checkpoint {str(ckpt)!r} is kept"
-                )
-                raise
-            save()
-            bar.message(
-                f"interrupted at epoch {st.epoch + 1}/{cfg.epochs}, step {st.step}/{steps}; "
-                f"saved {str(ckpt)!r}. Resume with train(cfg, resume=True) "
-                "(command line: the same arguments and --resume)"
-            )
-            raise
-
-        if saved is None and cfg.epochs == 0:  # a 0-epoch run: keep its initial state
-            save()
-        train_acc_final, train_loss_final = evaluate(
-            model, x_train, y_train, batch_size=cfg.eval_batch_size, amp=amp
-        )  # the copies already on the device
-        last = st.metrics[-1] if st.metrics else None
-        if last is not None and last["test_acc"] is not None:
-            test_acc_final, test_loss_final = last["test_acc"], last["test_loss"]
-        else:
-            test_acc_final, test_loss_final = evaluate(
-                model, test_set.images, test_set.labels, batch_size=cfg.eval_batch_size, amp=amp
-            )
-        return TrainResult(
-            metrics=st.metrics,
-            train_acc=train_acc_final,
-            train_loss=train_loss_final,
-            test_acc=test_acc_final,
-            test_loss=test_loss_final,
-            train_seconds=st.seconds,
-            param_counts=counts,
-            checkpoint=ckpt,
-            model=model.eval(),
-            config=cfg,
-        )
-    finally:
-        torch.set_num_threads(threads_before)

@@ -7,6 +7,7 @@ import pickle
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -334,18 +335,51 @@ def test_folder_mixed_modes_to_rgb_and_presplit(tmp_path):
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])  # L -> RGB
 
 
-def test_folder_corrupt_image_named(tmp_path):
-    save(tmp_path / "a" / "good.png", RNG.integers(1, 256, (8, 8), dtype=np.uint8))
-    bad = tmp_path / "a" / "bad.png"
-    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + RNG.bytes(40))
-    with pytest.raises(ValueError, match="cannot read image") as info:
-        D.load(f"folder:{tmp_path}")
-    assert str(bad) in str(info.value)
-    png = (tmp_path / "a" / "good.png").read_bytes()
-    bad.write_bytes(png[: len(png) // 2])  # valid header, truncated pixels
-    with pytest.raises(ValueError, match="cannot read image") as info:
-        D.load(f"folder:{tmp_path}")
-    assert str(bad) in str(info.value)
+def bad_folder(root) -> dict[str, str]:
+    """A class folder with good images of two sizes and three broken files; name -> problem."""
+    for i in range(3):
+        save(root / "a" / f"small{i}.png", RNG.integers(1, 256, (8, 8), dtype=np.uint8))
+        save(root / "b" / f"large{i}.png", RNG.integers(1, 256, (12, 10), dtype=np.uint8))
+    png = (root / "a" / "small0.png").read_bytes()
+    (root / "a" / "truncated.png").write_bytes(png[: len(png) // 2])  # valid header
+    (root / "b" / "text.jpg").write_text("not a jpeg at all")
+    (root / "b" / "empty.png").write_bytes(b"")
+    return {"truncated.png": "truncated", "text.jpg": "cannot", "empty.png": "cannot"}
+
+
+def test_folder_skips_unreadable_files_naming_each(tmp_path):
+    problems = bad_folder(tmp_path)
+    with pytest.warns(D.UnreadableImageWarning) as caught:
+        ds = D.open_dataset(f"folder:{tmp_path}")
+        items = [ds.train[i] for i in range(len(ds.train))] + [
+            ds.test[i] for i in range(len(ds.test))
+        ]
+    messages = [str(w.message) for w in caught]
+    for name, words in problems.items():  # every broken file named once, with what is wrong
+        hits = [m for m in messages if name in m]
+        assert len(hits) == 1 and words in hits[0], (name, messages)
+    skipped = [it for it in items if isinstance(it, D.Skipped)]
+    assert [Path(s.path).name for s in skipped] == ["truncated.png"]  # found only on decode
+    small = [it for it in items if isinstance(it, D.Skipped) or it[0].shape[-1] == 8]
+    batch = D.collate(small)  # the skipped item is dropped from the batch, and listed
+    assert len(batch.skipped) == 1 and batch.images.shape[1:] == (1, 8, 8)
+    assert len(batch.labels) == len(small) - 1
+    with pytest.raises(ValueError, match=r"one size, got \[\(1, 8, 8\), \(1, 12, 10\)\]"):
+        D.collate([it for it in items if not isinstance(it, D.Skipped)])
+
+
+def test_folder_keeps_each_images_size_when_streamed(tmp_path):
+    bad_folder(tmp_path)
+    with pytest.warns(D.UnreadableImageWarning):
+        ds = D.open_dataset(f"folder:{tmp_path}")
+    sizes = {tuple(s) for s in np.concatenate([ds.train.sizes, ds.test.sizes]).tolist()}
+    assert sizes == {(8, 8), (12, 10)}  # 7 files header-readable: 6 good + the truncated one
+    assert len(ds.train) + len(ds.test) == 7
+    resized = ds.train.resized(16)
+    assert {tuple(s) for s in resized.sizes.tolist()} == {(16, 16)}
+    with pytest.warns(D.UnreadableImageWarning):
+        full = D.load(f"folder:{tmp_path}")  # in memory: one size, the most common
+    assert full.image_size in ((8, 8), (12, 10)) and len(full.train) + len(full.test) == 6
 
 
 def test_folder_without_classes(tmp_path):

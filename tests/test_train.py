@@ -190,7 +190,7 @@ def test_hard_interrupt_inside_a_step_or_an_evaluation_resumes_exactly(
     """A second Ctrl-C lands anywhere: mid-step keeps the last checkpoint, mid-eval saves."""
     changes, _, ref_tensors = reference["fc-dropout+shift+adamw"]
     cfg = tiny(tmp_path, **changes)
-    name = "_augment" if where == "augmentation" else "evaluate"
+    name = "_augment" if where == "augmentation" else "_evaluate"
     original, calls = getattr(T, name), []
 
     def interrupted(*args, **kwargs):
@@ -423,7 +423,7 @@ def test_config_unknown_keys_are_named():
         ({"channels_last": True}, "channels_last must be one of 'auto', 'on', 'off', got True"),
         ({"canvas_size": (56, 28)}, r"canvas_size must be \(min, max\).*got \(56, 28\)"),
         ({"canvas_size": (28,)}, "canvas_size must be"),
-        ({"warmup": 1.5}, r"warmup must be a fraction in \[0, 1\], got 1.5"),
+        ({"warmup": 1.5}, r"warmup must be in \[0, 1\], got 1.5"),
         ({"label_smoothing": 1.0}, r"label_smoothing must be in \[0, 1\)"),
         ({"train_size": 0}, "train_size must be an int >= 1, got 0"),
         ({"model_overrides": {"f": object()}}, "model_overrides must be JSON-serialisable"),
