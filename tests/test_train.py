@@ -520,3 +520,90 @@ def test_cuda_run_uses_amp_and_channels_last_and_resumes(tmp_path):
     assert result.test_acc > 0.25  # 0.45 on the CPU: a few steps on canvases, tested on digits
     model, _, _ = load_checkpoint(result.checkpoint)  # loads onto the CPU
     assert next(model.parameters()).device.type == "cpu"
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def mixed_folder(root, n=12):
+    """Digits saved as PNGs of two sizes (8x8 and 12x10), and three broken files."""
+    from PIL import Image
+
+    from gapnet import data
+
+    digits = data.load("digits").train
+    for i in range(n):
+        x = digits.images[i, 0]
+        if i % 2:
+            x = data.rescale(x[None, None], (12, 10))[0, 0]
+        folder = root / str(int(digits.labels[i]) % 2)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((x.numpy() * 255).astype("uint8")).save(folder / f"{i}.png")
+    png = (root / "0").glob("*.png").__next__().read_bytes()
+    (root / "0" / "truncated.png").write_bytes(png[: len(png) // 2])
+    (root / "1" / "notes.jpg").write_text("a text file named .jpg")
+    (root / "1" / "empty.png").write_bytes(b"")
+
+
+def test_global_pooling_head_trains_on_a_mixed_size_folder_at_each_images_size(tmp_path, capsys):
+    mixed_folder(tmp_path / "imgs")
+    cfg = TrainConfig(data=f"folder:{tmp_path / 'imgs'}", model="convnet-tiny", head="gap",
+                      epochs=2, batch_size=4, threads=1, out_dir=str(tmp_path / "run"))  # fmt: skip
+    seen_sizes = set()
+    original = T._train_step
+
+    def spy(run, batch, e, k):
+        seen_sizes.add(tuple(batch.images.shape[-2:]))
+        return original(run, batch, e, k)
+
+    with pytest.MonkeyPatch.context() as mp, pytest.warns(UserWarning) as caught:
+        mp.setattr(T, "_train_step", spy)
+        result = train(cfg, progress=False)
+    named = " ".join(str(w.message) for w in caught)
+    assert all(name in named for name in ("truncated.png", "notes.jpg", "empty.png"))
+    assert seen_sizes == {(8, 8), (12, 10)}  # no resize: each batch holds one size
+    assert result.metrics[-1]["epoch"] == 2
+    assert "skipped 1 unreadable image file" in capsys.readouterr().err  # found while training
+
+
+def test_fc_head_on_a_mixed_size_folder_resizes_and_says_so(tmp_path, capsys):
+    mixed_folder(tmp_path / "imgs")
+    cfg = TrainConfig(data=f"folder:{tmp_path / 'imgs'}", model="convnet-tiny", head="fc",
+                      epochs=1, batch_size=4, threads=1, out_dir=str(tmp_path / "run"),
+                      model_overrides={"input_size": 12})  # fmt: skip
+    with pytest.warns(UserWarning):
+        result = train(cfg, progress=False)
+    assert "resizing every image (8x8, 12x10) to 12x12: the fc head takes one input size" in (
+        capsys.readouterr().err
+    )
+    assert result.model.input_size == 12
+
+
+# (what it checks, sizes, batch, order, rank, world, pad, expected local batches)
+STEP_BATCH_CASES = [
+    ("one size: runs of the order", [(8, 8)] * 5, 2, [4, 3, 2, 1, 0], 0, 1, True,
+     [[4, 3], [2, 1], [0]]),
+    ("two sizes never mix; batches in order of their first image",
+     [(8, 8), (9, 9), (8, 8), (9, 9), (8, 8)], 2, None, 0, 1, True, [[0, 2], [1, 3], [4]]),
+    ("rank 1 of 2 takes every 2nd image of each global batch", [(8, 8)] * 6, 4, None, 1, 2, True,
+     [[1, 3], [5]]),
+    ("a last batch smaller than the world repeats its images", [(8, 8)] * 5, 4, None, 1, 2, True,
+     [[1, 3], [4]]),
+    ("evaluation: no repeats, a rank may get nothing", [(8, 8)] * 5, 4, None, 1, 2, False,
+     [[1, 3], []]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "sizes,batch,order,rank,world,pad,expected",
+    [c[1:] for c in STEP_BATCH_CASES],
+    ids=[c[0] for c in STEP_BATCH_CASES],
+)
+def test_step_batches(sizes, batch, order, rank, world, pad, expected):
+    import numpy as np
+
+    perm = None if order is None else torch.tensor(order)
+    got = T.StepBatches(np.array(sizes), batch, perm, rank=rank, world=world, pad=pad)
+    assert list(got) == expected
+    resumed = T.StepBatches(np.array(sizes), batch, perm, rank=rank, world=world, pad=pad, start=1)
+    assert list(resumed) == expected[1:]  # a resumed epoch starts at its step
