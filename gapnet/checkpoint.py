@@ -191,8 +191,8 @@ class Checkpoint:
         model_config: the model's architecture.
         train_config: the run's TrainConfig as a dict (`gapnet.train.TrainConfig.from_dict`).
         state: where the run was: epoch, step, metrics, complete, ...
-        classes: class names; label i is classes[i] (checkpoints before they were stored:
-            "0", "1", ...).
+        classes: class names, label i is classes[i]; None in checkpoints from before they
+            were stored (`class_names` then numbers them).
         tensors: every tensor in the file (weights under "model.").
     """
 
@@ -200,8 +200,12 @@ class Checkpoint:
     model_config: ModelConfig
     train_config: dict[str, Any]
     state: dict[str, Any]
-    classes: list[str]
+    classes: list[str] | None
     tensors: dict[str, Tensor] = field(repr=False)
+
+    def class_names(self) -> list[str]:
+        """`classes`, or "0", "1", ... where the checkpoint does not name them."""
+        return self.classes or [str(i) for i in range(self.model_config.num_classes)]
 
     def build_model(self, device: str | torch.device = "cpu") -> GapNet:
         """The model with its saved weights, in eval mode."""
@@ -247,8 +251,8 @@ def load(path: PathLike) -> Checkpoint:
             raise TypeError("train_config and state must be JSON objects")
     except (KeyError, ValueError, TypeError) as e:
         raise ValueError(f"checkpoint {str(p)!r} is corrupt: bad metadata ({e})") from None
-    classes = meta.get("classes") or [str(i) for i in range(model_config.num_classes)]
-    return Checkpoint(p, model_config, train_config, state, list(classes), tensors)
+    classes = meta.get("classes")
+    return Checkpoint(p, model_config, train_config, state, classes, tensors)
 
 
 def load_model(path: PathLike, *, device: str | torch.device = "cpu") -> tuple[GapNet, Checkpoint]:

@@ -17,6 +17,7 @@ import json
 import shlex
 import sys
 import textwrap
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -123,14 +124,12 @@ def _read_image(path: str, in_chans: int, invert: str) -> tuple[Any, Any]:
 
 def _model_input(model: Any, x: Any, path: str, resize: int | None) -> tuple[Any, str | None]:
     """The image as the model takes it: fc models resize to their size, others keep theirs."""
-    from gapnet import data, models
+    from gapnet import data
 
-    config = model.config
-    note = None
-    if config.head in models.FC_HEADS:
-        s = config.input_size
+    note, s = None, model.input_size
+    if s is not None:
         if tuple(x.shape[-2:]) != (s, s):
-            note = f"resized to {s}x{s}: an {config.head} model takes one input size only"
+            note = f"resized to {s}x{s}: an {model.config.head} model takes one input size only"
         x = data.rescale(x[None], s)[0]
     elif resize is not None:
         x = data.rescale(x[None], resize)[0]
@@ -158,11 +157,13 @@ def _class_names(data_spec: str, num_classes: int) -> list[str]:
     return [str(i) for i in range(num_classes)]
 
 
-def _load_model(checkpoint: str) -> tuple[Any, Any]:
-    from gapnet.train import load_checkpoint
+def _load_model(path: str) -> tuple[Any, Any, list[str]]:
+    """The model of a checkpoint, its TrainConfig and its class names."""
+    from gapnet.train import read_run
 
-    model, cfg, _ = load_checkpoint(checkpoint)
-    return model, cfg
+    ckpt, cfg = read_run(path)
+    model = ckpt.build_model()
+    return model, cfg, ckpt.classes or _class_names(cfg.data, model.num_classes)
 
 
 def _set_threads(threads: int | None) -> None:
@@ -175,33 +176,111 @@ def _set_threads(threads: int | None) -> None:
 # --------------------------------------------------------------------------- train
 
 
+# Flags of ModelConfig fields that `gapnet train` passes on as TrainConfig.model_overrides
+# (the others, arch, num_classes, in_chans and head, come from --model, the data and --head).
+MODEL_FLAGS = ("widths", "depth", "input_size", "fc_hidden", "drop_rate", "gem_p")
+# Older flag names kept working beside the generated ones.
+TRAIN_ALIASES: dict[str, tuple[str, ...]] = {
+    "augmentation": ("--augment",),
+    "canvas_size": ("--canvas",),
+    "out_dir": ("--out",),
+}
+_MODEL = "model."  # dest prefix of the ModelConfig flags
+
+
+def _option_type(option: Any) -> Callable[[str], Any]:
+    """An argparse type for a config field: text -> value, checked by the field's own rules."""
+    hint = option.hint
+    optional = type(None) in typing.get_args(hint)
+    if optional:
+        hint = next(t for t in typing.get_args(hint) if t is not type(None))
+    origin, args = typing.get_origin(hint) or hint, typing.get_args(hint)
+
+    def parse(text: str) -> Any:
+        if optional and text.strip().lower() == "none":
+            return None
+        try:
+            if origin is tuple:
+                raw: Any = [v.strip() for v in text.split(",") if v.strip()]
+                raw = [v if args[0] is str else int(v) for v in raw]
+            elif origin is dict:
+                raw = json.loads(text)
+            else:
+                raw = origin(text)
+            return option.check(raw)
+        except (ValueError, TypeError) as e:
+            raise argparse.ArgumentTypeError(str(e) or f"bad value {text!r}") from None
+
+    return parse
+
+
+def _metavar(option: Any) -> str:
+    hint = option.hint
+    if type(None) in typing.get_args(hint):
+        hint = next(t for t in typing.get_args(hint) if t is not type(None))
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:
+        return "MIN,MAX" if len(args) == 2 and args[1] is not Ellipsis else "V,V,.."
+    return {int: "N", float: "X", dict: "JSON"}.get(hint, "")
+
+
+def add_config_flags(
+    p: argparse.ArgumentParser,
+    cls: Any,
+    *,
+    names: Sequence[str] | None = None,
+    skip: Sequence[str] = (),
+    aliases: dict[str, tuple[str, ...]] | None = None,
+    prefix: str = "",
+    groups: dict[str, Any] | None = None,
+    group: str | None = None,
+) -> dict[str, Any]:
+    """One flag per field of config class `cls` (``--batch-size`` for batch_size), in groups by
+    the section comments of the class (or `group`), with the field's comment as help. A flag
+    left out leaves its field out of the namespace, so the config's default applies.
+
+    Returns:
+        the argument groups by title (pass them to a later call to add to the same groups).
+    """
+    groups = {} if groups is None else groups
+    for option in cls.options():
+        if option.name in skip or (names is not None and option.name not in names):
+            continue
+        title = group or option.group or cls.__name__
+        into = groups.get(title) or groups.setdefault(title, p.add_argument_group(title))
+        flags = [f"--{option.name.replace('_', '-')}", *(aliases or {}).get(option.name, ())]
+        default = option.default
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        extra: dict[str, Any] = {"help": f"{option.help} (default {shown!s})".replace("%", "%%")}
+        if option.hint is bool:
+            extra["action"] = argparse.BooleanOptionalAction
+        else:
+            extra["type"] = _option_type(option)
+            extra["metavar"] = _metavar(option) or option.name.upper()
+            if option.meta.get("choices") and option.hint is str:
+                extra["choices"], extra["type"] = option.meta["choices"], str
+                extra.pop("metavar")
+        into.add_argument(*flags, dest=prefix + option.name, default=argparse.SUPPRESS, **extra)
+    return groups
+
+
 def _train_fields(a: argparse.Namespace) -> dict[str, Any]:
     """TrainConfig fields from the train flags (flags left out keep TrainConfig's defaults)."""
-    mapping = {
-        "data": a.data, "image_size": a.image_size, "train_size": a.train_size,
-        "model": a.model, "head": a.head, "epochs": a.epochs, "batch_size": a.batch_size,
-        "optimizer": a.optimizer, "lr": a.lr, "weight_decay": a.weight_decay,
-        "schedule": a.schedule, "warmup": a.warmup, "label_smoothing": a.label_smoothing,
-        "seed": a.seed, "augmentation": a.augment, "shift": a.shift,
-        "canvas_size": a.canvas, "distractors": a.distractors, "device": a.device,
-        "threads": a.threads, "out_dir": a.out, "eval_every": a.eval_every,
-    }  # fmt: skip
-    fields = {k: v for k, v in mapping.items() if v is not None}
-    if a.canvas is not None and a.augment is None:
-        fields["augmentation"] = "canvas"
-    overrides = {
-        "widths": list(a.widths) if a.widths else None, "depth": a.depth,
-        "fc_hidden": a.fc_hidden, "drop_rate": a.drop_rate,
-    }  # fmt: skip
-    overrides = {k: v for k, v in overrides.items() if v is not None}
+    from gapnet.train import TrainConfig
+
+    given = vars(a)
+    fields = {o.name: given[o.name] for o in TrainConfig.options() if o.name in given}
+    if "canvas_size" in fields and "augmentation" not in fields:
+        fields["augmentation"] = "canvas"  # --canvas alone means: train on canvases
+    overrides = {k[len(_MODEL) :]: v for k, v in given.items() if k.startswith(_MODEL)}
     if overrides:
-        fields["model_overrides"] = overrides
+        fields["model_overrides"] = json.loads(json.dumps(overrides))
     return fields
 
 
 def cmd_train(a: argparse.Namespace) -> int:
     """`gapnet train`: one run, then its metrics and checkpoint path."""
-    from gapnet.train import TrainConfig, train
+    from gapnet.train import Dist, TrainConfig, train
 
     cfg = TrainConfig(**_train_fields(a))
     try:
@@ -209,12 +288,14 @@ def cmd_train(a: argparse.Namespace) -> int:
     except FileExistsError:
         raise UsageError(
             f"{str(cfg.run_dir)!r} already holds a run: add --resume to continue it, "
-            "--overwrite to replace it, or pick another --out"
+            "--overwrite to replace it, or pick another --out-dir"
         ) from None
     except FileNotFoundError as e:
         if a.resume:
             raise UsageError(f"{e}; drop --resume to start it") from None
         raise
+    if not Dist.from_env().main:  # under torchrun, rank 0 speaks for all
+        return 0
     counts = result.param_counts
     print(
         f"{cfg.model} + {cfg.head} head on {cfg.data}: train acc {100 * result.train_acc:.2f}% "
@@ -236,11 +317,11 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def cmd_eval(a: argparse.Namespace) -> int:
     """`gapnet eval`: accuracy and loss on the test split, rescaled or on canvases."""
-    from gapnet import data, report
+    from gapnet import data
     from gapnet.train import evaluate
 
     _set_threads(a.threads)
-    model, cfg = _load_model(a.checkpoint)
+    model, cfg, _ = _load_model(a.checkpoint)
     spec = a.data or cfg.data
     if a.canvas is not None:
         side = a.canvas
@@ -255,7 +336,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         h, w = test.images.shape[-2:]
         what = f"rescaled to {h}x{w}" if a.size is not None else f"at {h}x{w}"
     if test.images.shape[-2] == test.images.shape[-1]:
-        na = report.size_na(model, side)
+        na = model.size_problem(side)
         if na is not None:
             raise UsageError(
                 f"this {model.config.head} model cannot take {side}x{side} inputs ({na}); only "
@@ -279,8 +360,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     """`gapnet predict`: top-k classes of image files (text, or JSON with all probabilities)."""
     from gapnet.train import predict_proba
 
-    model, cfg = _load_model(a.checkpoint)
-    names = _class_names(cfg.data, model.num_classes)
+    model, _, names = _load_model(a.checkpoint)
     k = min(a.top_k, model.num_classes)
     images = [(path, *_read_image(path, model.config.in_chans, a.invert)) for path in a.images]
     out = []
@@ -320,9 +400,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 
 def _require_cam_model(model: Any) -> None:
-    from gapnet import models
-
-    if model.config.head in models.FC_HEADS:
+    if not model.has_cam:
         raise UsageError(
             f"this checkpoint has an {model.config.head} head: a fully connected layer mixes every "
             "location into every logit, so there is no class activation map; train a "
@@ -348,9 +426,8 @@ def cmd_cam(a: argparse.Namespace) -> int:
 
     from gapnet import cam
 
-    model, cfg = _load_model(a.checkpoint)
+    model, _, names = _load_model(a.checkpoint)
     _require_cam_model(model)
-    names = _class_names(cfg.data, model.num_classes)
     bad = [c for c in a.classes or [] if not 0 <= c < model.num_classes]
     if bad:
         raise UsageError(
@@ -393,7 +470,7 @@ def cmd_localize(a: argparse.Namespace) -> int:
     from gapnet import cam, report
 
     _set_threads(a.threads)
-    model, cfg = _load_model(a.checkpoint)
+    model, cfg, _ = _load_model(a.checkpoint)
     _require_cam_model(model)
     source = a.data or cfg.data
     if a.choose_threshold:
@@ -468,7 +545,7 @@ def cmd_info(a: argparse.Namespace) -> int:
     print(f"{a.model} with a {a.head} head, {model.config.in_chans}x{size}x{size} input:")
     for part in ("backbone", "head", "total"):
         print(f"  {part:<9} {counts[part]:>12,} parameters  ({100 * counts[part] / total:5.1f}%)")
-    if a.head in models.FC_HEADS:
+    if model.input_size is not None:
         print(f"  input: {size}x{size} only (the {a.head} head is sized for it)")
     else:
         low = model.backbone.min_input_size
@@ -557,107 +634,16 @@ def _command(
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from gapnet.models import HEADS, list_models
-    from gapnet.train import AUGMENTATIONS, OPTIMIZERS, SCHEDULES, TrainConfig
+    from gapnet.models import ModelConfig
+    from gapnet.train import TrainConfig
 
-    d = TrainConfig()
-    g = p.add_argument_group("data")
-    g.add_argument(
-        "--data",
-        metavar="SPEC",
-        help=f"dataset: mnist-5k, digits, idx:DIR, cifar10:DIR, folder:DIR (default {d.data})",
-    )
-    g.add_argument(
-        "--image-size",
-        type=_positive,
-        metavar="S",
-        help="rescale the images to S x S (default: as stored)",
-    )
-    g.add_argument(
-        "--train-size",
-        type=_positive,
-        metavar="N",
-        help="train on a stratified subset of N images (default: all)",
-    )
-    g = p.add_argument_group("model")
-    g.add_argument("--model", choices=list_models(), help=f"backbone (default {d.model})")
-    g.add_argument("--head", choices=HEADS, help=f"classifier head (default {d.head})")
-    g.add_argument(
-        "--widths",
-        type=_ints,
-        metavar="C,C,..",
-        help="convnet channels per stage (default: the model's)",
-    )
-    g.add_argument("--depth", type=_positive, help="convnet blocks per stage")
-    g.add_argument(
-        "--fc-hidden",
-        type=_nonneg,
-        metavar="N",
-        help="hidden units of the fc heads (0: one Linear)",
-    )
-    g.add_argument("--drop-rate", type=_fraction, metavar="P", help="dropout of fc-dropout and NiN")
-    g = p.add_argument_group("optimisation")
-    g.add_argument(
-        "--epochs", type=_nonneg, help=f"passes over the training set (default {d.epochs})"
-    )
-    g.add_argument("--batch-size", type=_positive, help=f"images per step (default {d.batch_size})")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, help=f"(default {d.optimizer})")
-    g.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr:g})")
-    g.add_argument("--weight-decay", type=float, metavar="WD", help=f"(default {d.weight_decay:g})")
-    g.add_argument(
-        "--schedule", choices=SCHEDULES, help=f"learning-rate schedule (default {d.schedule})"
-    )
-    g.add_argument(
-        "--warmup",
-        type=_fraction,
-        metavar="F",
-        help=f"fraction of steps warming up (default {d.warmup:g})",
-    )
-    g.add_argument(
-        "--label-smoothing", type=float, metavar="E", help=f"(default {d.label_smoothing:g})"
-    )
-    g.add_argument(
-        "--seed", type=_nonneg, help=f"init, data order, augmentation (default {d.seed})"
-    )
-    g = p.add_argument_group("augmentation")
-    g.add_argument(
-        "--augment",
-        choices=AUGMENTATIONS,
-        help=f"training augmentation (default {d.augmentation}; --canvas implies canvas)",
-    )
-    g.add_argument(
-        "--shift", type=_nonneg, metavar="PX", help=f"shift: max pixels moved (default {d.shift})"
-    )
-    g.add_argument(
-        "--canvas",
-        type=_pair,
-        metavar="MIN,MAX",
-        help="canvas: side range of the random blank canvases (default {},{})".format(
-            *d.canvas_size
-        ),
-    )
-    g.add_argument(
-        "--distractors",
-        type=_nonneg,
-        metavar="D",
-        help="canvas: stroke-like clutter pasted per canvas (default 0)",
-    )
+    groups = add_config_flags(p, TrainConfig, skip=("model_overrides",), aliases=TRAIN_ALIASES)
+    add_config_flags(p, ModelConfig, names=MODEL_FLAGS, prefix=_MODEL, groups=groups, group="model")
     g = p.add_argument_group("run")
-    g.add_argument("--out", metavar="DIR", help="run folder (default runs/MODEL-HEAD)")
     g.add_argument(
-        "--resume", action="store_true", help="continue the run saved in --out (same arguments)"
+        "--resume", action="store_true", help="continue the run saved in --out-dir (same flags)"
     )
-    g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    g.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default auto)")
-    g.add_argument(
-        "--threads", type=_nonneg, metavar="N", help="torch threads (default: every core)"
-    )
-    g.add_argument(
-        "--eval-every",
-        type=_positive,
-        metavar="E",
-        help="evaluate on the test split every E epochs (default 1)",
-    )
+    g.add_argument("--overwrite", action="store_true", help="replace a run already in --out-dir")
     g.add_argument("--quiet", action="store_true", help="no progress output")
 
 

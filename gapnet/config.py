@@ -82,7 +82,8 @@ class Config:
     def __post_init__(self) -> None:
         hints = _hints(type(self))
         for f in dataclasses.fields(self):
-            value = _convert(self, f.name, getattr(self, f.name), hints[f.name], f.metadata)
+            where = f"{type(self).__name__}.{f.name}"
+            value = convert(where, getattr(self, f.name), hints[f.name], f.metadata)
             object.__setattr__(self, f.name, value)
         self.validate()
 
@@ -118,16 +119,47 @@ class Config:
     @classmethod
     def field_help(cls) -> dict[str, str]:
         """Each field's help text: the comment at the end of its line in the class's source."""
-        return dict(_comments(cls))
+        return {f.name: f.help for f in cls.options()}
+
+    @classmethod
+    def options(cls) -> list[Option]:
+        """Every field with its type, constraints, default, help and section, in order."""
+        hints, notes = _hints(cls), dict(_comments(cls))
+        out = []
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not _MISSING else f.default_factory()  # type: ignore[misc,operator]
+            group, text = notes.get(f.name, ("", ""))
+            out.append(Option(f.name, hints[f.name], f.metadata, default, text, group))
+        return out
+
+
+@dataclass(frozen=True)
+class Option:
+    """One field of a config as the command line sees it (`Config.options`)."""
+
+    name: str
+    hint: Any  # the type hint: int, float, str, bool, X | None, tuple[...], dict[...]
+    meta: Any  # option()'s constraints
+    default: Any
+    help: str  # the comment at the end of the field's line
+    group: str  # the section comment above it ("data", "model", ...), or ""
+
+    def check(self, value: Any) -> Any:
+        """`value` checked and normalised as the config would; ValueError says what is wrong
+        (without naming the field: "must be an int >= 0, got -1")."""
+        try:
+            return convert("", value, self.hint, self.meta)
+        except ValueError as e:
+            raise ValueError(str(e).strip()) from None
 
 
 def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
-def _convert(cfg: Config, name: str, value: Any, hint: Any, meta: Any) -> Any:
-    """`value` checked against the type `hint` and the `option` constraints, normalised."""
-    where = f"{type(cfg).__name__}.{name}"
+def convert(where: str, value: Any, hint: Any, meta: Any) -> Any:
+    """`value` checked against the type `hint` and the `option` constraints, normalised; errors
+    start with `where` (the field's name)."""
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -218,10 +250,10 @@ def _hints(cls: type) -> dict[str, Any]:
     return _HINTS[cls]
 
 
-def _comments(cls: Any) -> tuple[tuple[str, str], ...]:
-    """(field, comment) for each field declared with a comment at the end of its line."""
+def _comments(cls: Any) -> tuple[tuple[str, tuple[str, str]], ...]:
+    """(field, (section, comment)) for each field of `cls` and its dataclass bases."""
     names = {f.name for f in dataclasses.fields(cls)}
-    found: dict[str, str] = {}
+    found: dict[str, tuple[str, str]] = {}
     for klass in reversed(cls.__mro__):  # a subclass's comment wins
         if not dataclasses.is_dataclass(klass) or klass is Config:
             continue
@@ -233,16 +265,22 @@ def _comments(cls: Any) -> tuple[tuple[str, str], ...]:
     return tuple(found.items())
 
 
-def _line_comments(source: str, names: set[str]) -> dict[str, str]:
-    """`name: type = ...  # comment` lines of a class body (a field's first line only)."""
-    out: dict[str, str] = {}
+def _line_comments(source: str, names: set[str]) -> dict[str, tuple[str, str]]:
+    """`name: type = ...  # comment` lines of a class body (a field's first line only), each
+    with the last `# section` comment line above it."""
+    out: dict[str, tuple[str, str]] = {}
     current: str | None = None
+    section = ""
     for tok in tokenize.generate_tokens(io.StringIO(textwrap.dedent(source)).readline):
         if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.string in names:
             current = tok.string if tok.line.strip().startswith(f"{tok.string}:") else None
+            if current is not None:
+                out.setdefault(current, (section, ""))
         elif tok.type == tokenize.COMMENT and current is not None:
-            out.setdefault(current, tok.string.lstrip("#").strip())
+            out[current] = (section, tok.string.lstrip("#").strip())
             current = None
+        elif tok.type == tokenize.COMMENT and tok.start[1] == 4 and tok.line.strip() == tok.string:
+            section = tok.string.lstrip("#").strip()  # a comment line of its own: a section
         elif tok.type == tokenize.NEWLINE:
             current = None
     return out

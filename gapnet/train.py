@@ -66,6 +66,7 @@ __all__ = [
     "load_checkpoint",
     "lr_at",
     "predict_proba",
+    "read_run",
     "train",
 ]
 
@@ -456,7 +457,7 @@ def _saved_run(
         raise FileNotFoundError(
             f"cannot resume: no checkpoint {str(ckpt)!r}; start the run without resume"
         )
-    saved, saved_cfg = _read_run(ckpt)
+    saved, saved_cfg = read_run(ckpt)
     diff = _describe_diff(saved_cfg.to_dict(), cfg.to_dict())
     if diff:
         raise ValueError(
@@ -871,11 +872,11 @@ def load_checkpoint(
         ...
         FileNotFoundError: checkpoint 'no/such/run/checkpoint.safetensors' not found
     """
-    ckpt, train_cfg = _read_run(path)
+    ckpt, train_cfg = read_run(path)
     return ckpt.build_model(device), train_cfg, ckpt.state
 
 
-def _read_run(path: str | os.PathLike[str]) -> tuple[checkpoint.Checkpoint, TrainConfig]:
+def read_run(path: str | os.PathLike[str]) -> tuple[checkpoint.Checkpoint, TrainConfig]:
     """A training checkpoint and its TrainConfig; ValueError naming the file if either is bad."""
     ckpt = checkpoint.load(path)
     try:

@@ -82,7 +82,7 @@ def test_no_command_prints_help_and_fails(capsys):
 USAGE_ERRORS = [
     ("negative epochs", ["train", "--epochs", "-1"], "--epochs"),
     ("unknown head", ["train", "--head", "mlp"], "--head"),
-    ("bad canvas range", ["train", "--canvas", "56,28"], "MIN,MAX"),
+    ("bad canvas range", ["train", "--canvas", "56,28"], "canvas_size must be (min, max)"),
     ("unknown model", ["info", "resnet"], "MODEL"),
     ("unknown head in a list", ["compare", "--heads", "fc,mlp"], "unknown head 'mlp'"),
     ("bad size list", ["compare", "--sizes", "20,big"], "--sizes"),
