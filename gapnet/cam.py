@@ -29,7 +29,7 @@ from torch import Tensor
 
 from gapnet import data as _data
 from gapnet.checkpoint import atomic_write
-from gapnet.models import FC_HEADS, GapNet, eval_mode
+from gapnet.models import GapNet, eval_mode
 
 # choose_threshold's default candidates: 0.05 apart where CAM boxes are good, coarser above
 THRESHOLDS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -57,7 +57,7 @@ def _check_cam_model(model: Any) -> None:
             f"class_activation_maps expects a gapnet GapNet, got {type(model).__name__}"
         )
     kind = model.get_classifier().kind
-    if kind in FC_HEADS:
+    if not model.has_cam:
         raise TypeError(
             f"class_activation_maps: the model's head is {kind!r}, a fully connected head, which "
             "has no per-location class scores: it mixes every location into every logit (it "
