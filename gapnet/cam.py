@@ -10,7 +10,7 @@ the level, `box_iou` scores it,
 on `gapnet.data.canvas_mnist` (digits at random places on larger blank canvases).
 
 An ``fc`` head has no maps: a fully connected layer mixes every location into every logit.
-PIL is imported only by the drawing functions; matplotlib never (the colormap is `JET`).
+matplotlib is never imported (the colormap is `JET`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 from torch import Tensor
 
 from gapnet import data as _data
@@ -422,8 +423,6 @@ def overlay(
         >>> img.mode, img.size
         ('RGB', (40, 28))
     """
-    from PIL import Image
-
     if isinstance(alpha, bool) or not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"overlay: alpha must be in [0, 1], got {alpha!r}")
     rgb = _image_rgb(image)  # (H, W, 3)
@@ -461,8 +460,6 @@ def draw_boxes(img: Any, boxes: Any, colors: Any = "red", *, width: int = 1) -> 
         >>> out.getpixel((1, 1)), out.getpixel((3, 3)), out.getpixel((4, 4))
         ((255, 0, 0), (255, 0, 0), (0, 0, 0))
     """
-    from PIL import ImageDraw
-
     rows = [[int(v) for v in box] for box in boxes]
     if any(len(row) != 4 for row in rows):
         raise ValueError(f"draw_boxes: each box must be (x0, y0, x1, y1), got {rows!r}")

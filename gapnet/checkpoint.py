@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 from torch import Tensor
 
 from gapnet.models import GapNet, ModelConfig
@@ -100,8 +102,6 @@ def save(path: PathLike, tensors: dict[str, Tensor], metadata: dict[str, Any]) -
             refuses it).
         metadata: name -> any JSON-serialisable value; "format" and "sha256" are set here.
     """
-    from safetensors.torch import save as save_bytes
-
     flat: dict[str, Tensor] = {}
     seen: set[tuple[int, int]] = set()
     for name, t in tensors.items():
@@ -127,8 +127,6 @@ def read(path: PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
         ValueError: the file is truncated or corrupt, or not a gapnet checkpoint (the message
             names the file and what is wrong).
     """
-    from safetensors.torch import load as load_bytes
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} not found")

