@@ -176,6 +176,7 @@ class ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         self.in_chans = in_chans
         self.stored_sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)  # (N, 2)
         self.resize: tuple[int, int] | None = None if resize is None else tuple(resize)
+        self.unreadable: list[str] = []  # files found unreadable when the set was opened
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -197,7 +198,12 @@ class ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return int(h), int(w)
 
     def subset(self, index: np.ndarray) -> ImageDataset:
-        """The items at `index`, in that order."""
+        """The items at `index`, in that order (the unreadable files stay on record)."""
+        out = self._take(np.asarray(index, dtype=np.int64))
+        out.unreadable = self.unreadable
+        return out
+
+    def _take(self, index: np.ndarray) -> ImageDataset:
         raise NotImplementedError
 
     def __getitem__(self, i: int) -> Any:
@@ -251,9 +257,9 @@ class ArrayImages(ImageDataset):
         super().__init__(labels, c, np.tile([h, w], (n, 1)), resize)
         self.pixels, self.maxval = pixels, maxval
 
-    def subset(self, index: np.ndarray) -> ArrayImages:
-        return ArrayImages(self.pixels[np.asarray(index)], self.labels[index].numpy(),
-                           self.maxval, self.resize)  # fmt: skip
+    def _take(self, index: np.ndarray) -> ArrayImages:
+        return ArrayImages(self.pixels[index], self.labels[index].numpy(), self.maxval,
+                           self.resize)  # fmt: skip
 
     def __getitems__(self, index: list[int]) -> Batch:
         raw = self.pixels[np.asarray(index, dtype=np.int64)]
@@ -278,16 +284,15 @@ class FileImages(ImageDataset):
         super().__init__(labels, in_chans, sizes, resize)
         self.files = list(files)
 
-    def subset(self, index: np.ndarray) -> FileImages:
-        idx = np.asarray(index, dtype=np.int64)
-        return FileImages([self.files[i] for i in idx], self.labels[idx].numpy(), self.in_chans,
-                          self.stored_sizes[idx], self.resize)  # fmt: skip
+    def _take(self, index: np.ndarray) -> FileImages:
+        return FileImages([self.files[i] for i in index], self.labels[index].numpy(),
+                          self.in_chans, self.stored_sizes[index], self.resize)  # fmt: skip
 
     def __getitem__(self, i: int) -> tuple[Tensor, int] | Skipped:
         try:
             x, _ = read_image(self.files[i], self.in_chans)
         except ImageError as e:
-            warnings.warn(f"skipping {e}", UnreadableImageWarning, stacklevel=2)
+            warnings.warn(f"skipping unreadable image: {e}", UnreadableImageWarning, stacklevel=2)
             return Skipped(self.files[i], str(e))
         return self._fit(x[None])[0], int(self.labels[i])
 
@@ -840,28 +845,33 @@ def _load_folder(root: Path, seed: int) -> _Loaded:
     modes = train_part[3] | test_part[3]
     chans = 1 if modes <= _GRAY_MODES else 3
     train = FileImages(*train_part[:2], chans, train_part[2])
+    train.unreadable = train_part[4] + test_part[4]  # named once, for the whole folder
     if presplit:
         return train, FileImages(*test_part[:2], chans, test_part[2]), classes
     test_idx, train_idx = _stratified_pick(train.labels.numpy(), _test_count(len(train)), seed)
-    return train.subset(train_idx), train.subset(test_idx), classes
+    test_split = train.subset(test_idx)
+    test_split.unreadable = []  # named once, with the training split
+    return train.subset(train_idx), test_split, classes
 
 
 def _headers(
     files: list[Path], labels: list[int]
-) -> tuple[list[str], np.ndarray, np.ndarray, set[str]]:
-    """The readable files (header only), their labels, (H, W) sizes and PIL modes.
+) -> tuple[list[str], np.ndarray, np.ndarray, set[str], list[str]]:
+    """The readable files (header only), their labels, (H, W) sizes, PIL modes, and the
+    unreadable files.
 
     A file PIL cannot identify (not an image, empty) is skipped with an UnreadableImageWarning.
     """
-    kept, kept_labels, sizes, modes = [], [], [], set()
+    kept, kept_labels, sizes, modes, unreadable = [], [], [], set(), []
     for path, label in zip(files, labels, strict=True):
         try:
             with Image.open(path) as im:  # reads the header only
                 w, h = im.size
                 mode = im.mode
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            unreadable.append(str(path))
             warnings.warn(
-                f"skipping image {str(path)!r}: cannot read it: {e}",
+                f"skipping unreadable image: cannot read image {str(path)!r}: {e}",
                 UnreadableImageWarning,
                 stacklevel=3,
             )
@@ -870,7 +880,8 @@ def _headers(
         kept_labels.append(label)
         sizes.append((h, w))
         modes.add(mode)
-    return kept, np.array(kept_labels, np.int64), np.array(sizes, np.int64).reshape(-1, 2), modes
+    shape = np.array(sizes, np.int64).reshape(-1, 2)
+    return kept, np.array(kept_labels, np.int64), shape, modes, unreadable
 
 
 _BUNDLED: dict[str, Callable[[int], _Loaded]] = {  # name -> loader(seed)

@@ -435,6 +435,7 @@ def _setup(cfg: TrainConfig, procs: Dist, resume: bool, overwrite: bool, progres
     if saved is not None:
         _restore(run, saved)
     run.counts = _param_counts(model)
+    run.skipped.update(train_set.unreadable)
     if procs.main:
         human = {"train": cfg.to_dict(), "model": run.model_cfg, "param_counts": run.counts}
         checkpoint.write_json(cfg.run_dir / CONFIG_JSON, human)
@@ -649,7 +650,8 @@ def _finish(run: _Run) -> TrainResult:
     else:
         test_acc, test_loss = _evaluate(run, run.test_set)
     if run.skipped:
-        run.bar.message(f"skipped {len(run.skipped)} unreadable image file(s), named above")
+        n = len(run.skipped)
+        run.bar.message(f"skipped {n} unreadable image file{'s' if n > 1 else ''}, named above")
     return TrainResult(st.metrics, train_acc, train_loss, test_acc, test_loss, st.seconds,
                        run.counts, run.ckpt, run.model.eval(), cfg)  # fmt: skip
 
@@ -815,7 +817,10 @@ def _note_skipped(run: _Run, batch: data.Batch) -> None:
         if item.path not in run.skipped:
             run.skipped.add(item.path)
             if run.cfg.workers:
-                warnings.warn(f"skipping {item.reason}", data.UnreadableImageWarning, stacklevel=2)
+                warnings.warn(
+                    f"skipping unreadable image: {item.reason}", data.UnreadableImageWarning,
+                    stacklevel=2,
+                )  # fmt: skip
 
 
 def _augment(cfg: TrainConfig, x: Tensor, g: torch.Generator) -> Tensor:

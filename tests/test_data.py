@@ -97,10 +97,7 @@ def test_stratified_subset_imbalanced_classes():
 
 
 def test_import_is_lazy_and_missing_extra_says_what_to_install(monkeypatch):
-    code = (
-        "import sys, gapnet.data; "
-        "print([m for m in ('mlxtend', 'sklearn') if m in sys.modules])"
-    )
+    code = "import sys, gapnet.data; print([m for m in ('mlxtend', 'sklearn') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
