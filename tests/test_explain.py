@@ -344,3 +344,12 @@ def test_figure_metadata_refuses_a_png_it_did_not_draw(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "plain.png")
     with pytest.raises(ValueError, match="not a PNG drawn by gapnet explain"):
         E.figure_metadata(tmp_path / "plain.png")
+
+
+def test_explain_help_describes_it_with_an_example(capsys):
+    assert main(["explain", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "example:\n  gapnet explain maxpool" in out
+    assert all(topic in out for topic in E.TOPICS)
+    assert main(["--help"]) == 0
+    assert "explain" in capsys.readouterr().out  # listed with the other commands
