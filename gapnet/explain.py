@@ -69,7 +69,7 @@ COUNT_INCLUDE_PAD = True  # PyTorch's default: integer padding counts in an aver
 HEAD_KINDS = ("fc", "gap-fc", "gap")  # the heads `head_example` compares
 DEMO_GAP = Path("runs/demo/gap")  # the default model of gap and cam (``gapnet demo`` writes it)
 TINY_RUN = Path("runs/explain/tiny-gap")  # ... else one trained here first, then reused
-# The TrainConfig fields of that model: 89 % test accuracy after 20-40 s on 2 CPU cores.
+# The TrainConfig fields of that model: 89 % test accuracy after 42 s (2 busy CPU cores).
 TINY_TRAIN: dict[str, Any] = dict(
     data="mnist-5k", model="convnet-tiny", head="gap", epochs=2, batch_size=32, lr=5e-3
 )
