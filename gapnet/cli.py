@@ -619,6 +619,81 @@ def cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- explain
+
+
+def _padding(text: str) -> int | str:
+    """--padding: an integer >= 0, "same" or "valid"."""
+    if text in ("same", "valid"):
+        return text
+    return _number(int, lambda v: v >= 0, "an integer >= 0, 'same' or 'valid'")(text)
+
+
+def cmd_explain(a: argparse.Namespace) -> int:
+    """`gapnet explain`: one idea as a PNG drawn from real numbers, and its text version."""
+    import dataclasses
+
+    from gapnet import explain
+
+    given = {f.name: getattr(a, f.name) for f in dataclasses.fields(explain.Options)}
+    options = explain.Options(**{k: v for k, v in given.items() if v is not None})
+    out = a.out or f"runs/explain/{a.topic}.png"
+    command = f"{PROG} {shlex.join(a.argv)}"
+    res = explain.explain(a.topic, options, out=out, width=a.width, dpi=a.dpi, command=command)
+    print(res.text)
+    if res.drawn is not None:
+        print(f"wrote {res.drawn.path} ({res.drawn.size[0]}x{res.drawn.size[1]} px)")
+    return 0
+
+
+def _add_explain_parser(sub: Any) -> None:
+    from gapnet.explain import ASPECT, DPI, TOPICS, WIDTH
+
+    heights = ", ".join(f"{t} {ASPECT[t]:g}" for t in TOPICS)
+    p = _command(
+        sub, "explain", "draw pooling, GAP, heads or a CAM from real numbers (the tutorial's)",
+        f"""Draw one idea of docs/tutorial.md as a PNG from real numbers and print its text
+        version with the same numbers. maxpool / avgpool: a seeded grid of integers, each
+        window outlined, each output cell holding its window's maximum or mean (from
+        gapnet.reference, the specification). gap: a trained model's feature map and the
+        vector of its channel means. head: the parameters of an fc, a gap-fc and a gap head
+        as areas. cam: a digit, the class map of its predicted class and the CAM box. gap and
+        cam use --checkpoint, else runs/demo/gap, else a tiny model they train first (seconds)
+        and reuse. The PNG is --width pixels wide and width x ratio high ({heights}).""",
+        ["gapnet explain maxpool --kernel 3 --stride 2 --padding same --size 7",
+         "gapnet explain head --widths 16,32,64 --out head.png",
+         "gapnet explain cam --checkpoint runs/demo/gem-robust --canvas 84"],
+    )  # fmt: skip
+    p.add_argument("topic", choices=TOPICS, metavar="TOPIC", help=", ".join(TOPICS))
+    g = p.add_argument_group("maxpool, avgpool")
+    g.add_argument("--size", type=_positive, metavar="S", help="input grid S x S (default 6)")
+    g.add_argument("--kernel", type=_positive, metavar="K", help="kernel_size (default 2)")
+    g.add_argument("--stride", type=_positive, metavar="S", help="(default: the kernel size)")
+    g.add_argument(
+        "--padding", type=_padding, metavar="P", help="an int, same or valid (default 0)"
+    )
+    g.add_argument("--ceil-mode", action="store_true", help="PyTorch's ceil_mode")
+    g.add_argument("--seed", type=_nonneg, help="the grid's numbers; cam: where the digit lands")
+    g = p.add_argument_group("gap, cam")
+    g.add_argument(
+        "--checkpoint", "-c", metavar="C", help="run folder or checkpoint (default runs/demo/gap)"
+    )
+    g.add_argument("--index", type=_nonneg, metavar="I", help="test image I (default 0)")
+    g.add_argument("--channels", type=_positive, metavar="N", help="gap: maps drawn (default 6)")
+    g.add_argument("--canvas", type=_positive, metavar="S", help="cam: on a blank S x S canvas")
+    g.add_argument("--threshold", type=_fraction, metavar="T", help="cam: box threshold (0.2)")
+    g = p.add_argument_group("head")
+    g.add_argument("--model", metavar="MODEL", help="backbone (default convnet)")
+    g.add_argument("--widths", type=_ints, metavar="C,C,..", help="convnet channels per stage")
+    g.add_argument("--input-size", type=_positive, metavar="S", help="input S x S (default 28)")
+    g.add_argument("--num-classes", type=_positive, metavar="K", help="(default 10)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", metavar="PNG", help="the figure (default runs/explain/TOPIC.png)")
+    g.add_argument("--width", type=_positive, default=WIDTH, help=f"pixels (default {WIDTH})")
+    g.add_argument("--dpi", type=_positive, default=DPI, help=f"lettering scale (default {DPI})")
+    p.set_defaults(handler=cmd_explain)
+
+
 # --------------------------------------------------------------------------- the parser
 
 
@@ -1023,6 +1098,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_nonneg, metavar="N", help="torch threads")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=cmd_localize)
+    _add_explain_parser(sub)
     return parser
 
 
