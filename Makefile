@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PIP    := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: test demo lint install clean bench-cpu
+.PHONY: test demo lint install clean bench-cpu chromium
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,7 +22,20 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check gapnet tests benchmarks
 	$(VENV)/bin/mypy
 
-test: lint
+# The browser tests (marker `browser`, part of the suite) drive headless Chromium: Debian's
+# `chromium` package, installed here when no Chromium is found (GAPNET_CHROMIUM names another).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+chromium:
+	@[ -n "$$GAPNET_CHROMIUM" ] || command -v chromium >/dev/null 2>&1 \
+		|| command -v chromium-browser >/dev/null 2>&1 \
+		|| { command -v apt-get >/dev/null 2>&1 \
+			&& $(SUDO) apt-get update -qq \
+			&& DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; } \
+		|| { echo "make: Chromium not found and not installed (apt-get install chromium): install it, or set" \
+			"GAPNET_CHROMIUM to its executable (the browser tests need it)" >&2; exit 1; }
+
+test: lint chromium
 	$(PY) -m pytest -q
 
 demo: $(STAMP)

@@ -123,24 +123,18 @@ def _read_image(path: str, in_chans: int, invert: str) -> tuple[Any, Any]:
 
 
 def _model_input(model: Any, x: Any, path: str, resize: int | None) -> tuple[Any, str | None]:
-    """The image as the model takes it: fc models resize to their size, others keep theirs."""
-    from gapnet import data
+    """The image as the model takes it (`gapnet.inference.model_input`), after --resize."""
+    from gapnet import data, inference
 
-    note, s = None, model.input_size
-    if s is not None:
-        if tuple(x.shape[-2:]) != (s, s):
-            note = f"resized to {s}x{s}: an {model.config.head} model takes one input size only"
-        x = data.rescale(x[None], s)[0]
-    elif resize is not None:
+    note = None
+    if resize is not None and model.input_size is None:
         x = data.rescale(x[None], resize)[0]
         note = f"resized to {resize}x{resize} (--resize)"
-    low = model.backbone.min_input_size
-    if min(x.shape[-2:]) < low:
-        raise UsageError(
-            f"image {path!r} is {x.shape[-1]}x{x.shape[-2]}; this model needs at least "
-            f"{low}x{low} (use --resize)"
-        )
-    return x, note
+    try:
+        x, fitted = inference.model_input(model, x)
+    except ValueError as e:
+        raise UsageError(f"image {path!r}: {e} (use --resize)") from None
+    return x, fitted or note
 
 
 def _class_names(data_spec: str, num_classes: int) -> list[str]:
@@ -157,10 +151,21 @@ def _class_names(data_spec: str, num_classes: int) -> list[str]:
     return [str(i) for i in range(num_classes)]
 
 
-def _load_model(path: str) -> tuple[Any, Any, list[str]]:
-    """The model of a checkpoint, its TrainConfig and its class names."""
-    from gapnet.train import read_run
+def _load_model(path: str, onnx: bool = False) -> tuple[Any, Any, list[str]]:
+    """The model of a checkpoint (or, with `onnx`, of a `gapnet export` file), its TrainConfig
+    and its class names."""
+    from gapnet.train import TrainConfig, read_run
 
+    if Path(path).suffix == ".onnx":
+        if not onnx:
+            raise UsageError(
+                f"{path!r} is an ONNX file: predict and eval take one, this command "
+                "needs the checkpoint (the PyTorch model)"
+            )
+        from gapnet import export
+
+        onnx_model = export.load(path)
+        return onnx_model, TrainConfig.from_dict(onnx_model.train_config or {}), onnx_model.classes
     ckpt, cfg = read_run(path)
     model = ckpt.build_model()
     return model, cfg, ckpt.classes or _class_names(cfg.data, model.num_classes)
@@ -321,7 +326,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from gapnet.train import evaluate
 
     _set_threads(a.threads)
-    model, cfg, _ = _load_model(a.checkpoint)
+    model, cfg, _ = _load_model(a.checkpoint, onnx=True)
     spec = a.data or cfg.data
     if a.canvas is not None:
         side = a.canvas
@@ -360,7 +365,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     """`gapnet predict`: top-k classes of image files (text, or JSON with all probabilities)."""
     from gapnet.train import predict_proba
 
-    model, _, names = _load_model(a.checkpoint)
+    model, _, names = _load_model(a.checkpoint, onnx=True)
     k = min(a.top_k, model.num_classes)
     images = [(path, *_read_image(path, model.config.in_chans, a.invert)) for path in a.images]
     out = []
@@ -694,6 +699,36 @@ def _add_explain_parser(sub: Any) -> None:
     p.set_defaults(handler=cmd_explain)
 
 
+# --------------------------------------------------------------------------- export / serve
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    """`gapnet export`: an ONNX file of a checkpoint, then its parity with PyTorch."""
+    from gapnet import export
+
+    _set_threads(a.threads)
+    options: dict[str, Any] = {"cams": a.cams, "opset": a.opset}
+    if a.sizes:
+        options["sizes"] = a.sizes
+    result = export.export_checkpoint(a.checkpoint, a.out, **options)
+    print("\n".join(export.describe(result)))
+    if not result.ok:
+        _error("export", f"{a.out} does not match PyTorch within {export.PARITY_TOL:.0e}")
+        return EXIT_ENV
+    print(f"next: {PROG} predict IMAGE --checkpoint {shlex.quote(str(a.out))}")
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    """`gapnet serve`: the web demo and its JSON API, until Ctrl-C."""
+    from gapnet import serve
+
+    _set_threads(a.threads)
+    predictor = serve.load_predictor(a.checkpoint, max_pixels=a.max_pixels)
+    serve.run(predictor, host=a.host, port=a.port, max_bytes=a.max_bytes)
+    return 0
+
+
 # --------------------------------------------------------------------------- the parser
 
 
@@ -722,21 +757,22 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress output")
 
 
-def _add_checkpoint(p: argparse.ArgumentParser) -> None:
+def _add_checkpoint(p: argparse.ArgumentParser, onnx: bool = False) -> None:
     p.add_argument(
         "--checkpoint",
         "-c",
         required=True,
         metavar="C",
-        help="a checkpoint.safetensors or the run folder holding it",
+        help="a checkpoint.safetensors or the run folder holding it"
+        + (", or an .onnx file from gapnet export" if onnx else ""),
     )
 
 
-def _add_image_args(p: argparse.ArgumentParser) -> None:
+def _add_image_args(p: argparse.ArgumentParser, onnx: bool = False) -> None:
     p.add_argument(
         "images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...), any size and mode"
     )
-    _add_checkpoint(p)
+    _add_checkpoint(p, onnx)
     p.add_argument(
         "--resize",
         type=_positive,
@@ -908,7 +944,7 @@ def build_parser() -> argparse.ArgumentParser:
         its training size (an error otherwise); global-pooling heads take any size.""",
         ["gapnet eval --checkpoint runs/gap --canvas 84"],
     )  # fmt: skip
-    _add_checkpoint(p)
+    _add_checkpoint(p, onnx=True)
     p.add_argument("--data", metavar="SPEC", help="dataset (default: the checkpoint's)")
     size = p.add_mutually_exclusive_group()
     size.add_argument(
@@ -942,7 +978,7 @@ def build_parser() -> argparse.ArgumentParser:
         ["gapnet predict digit.png photo.jpg --checkpoint runs/gap --top-k 3",
          "gapnet predict digit.png --checkpoint runs/gap --json"],
     )  # fmt: skip
-    _add_image_args(p)
+    _add_image_args(p, onnx=True)
     p.add_argument(
         "--top-k",
         type=_positive,
@@ -1099,6 +1135,71 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=cmd_localize)
     _add_explain_parser(sub)
+    p = _command(
+        sub, "export", "write a checkpoint as an ONNX file that takes any input size",
+        """Export a checkpoint (or its run folder) to ONNX with a free batch size, height and
+        width, in standard ONNX ops (GAP is ReduceMean; every padding explicit pads), so that
+        any ONNX runtime can run it at any size; the class names and configs travel in its
+        metadata. Then run the file in onnxruntime (CPU) against PyTorch at three square
+        sizes and one non-square one and print the largest difference (exit status 1 if it is
+        over 1e-4). An fc head takes one input size only and is exported at it. --cams adds a
+        second output, the class activation maps.""",
+        ["gapnet export runs/gap gap.onnx",
+         "gapnet export runs/gap gap.onnx --cams && gapnet predict digit.png -c gap.onnx"],
+    )  # fmt: skip
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file or run folder")
+    p.add_argument("out", metavar="OUT.onnx", help="the ONNX file to write")
+    p.add_argument("--cams", action="store_true", help="second output: class maps (N, K, h, w)")
+    p.add_argument(
+        "--sizes",
+        type=_ints,
+        metavar="S,S,..",
+        help="square sizes of the parity check (default 28,57,112 and 40x71)",
+    )
+    p.add_argument("--opset", type=_positive, metavar="N", help="ONNX opset (default: torch's)")
+    p.add_argument("--threads", type=_nonneg, metavar="N", help="torch threads")
+    p.set_defaults(handler=cmd_export)
+
+    p = _command(
+        sub, "serve", "web demo: draw or upload a digit, see the answer and where it looked",
+        """Serve a web page (a drawing canvas of any size and an image upload) that shows the
+        model's top classes with their probabilities and the class activation map with its
+        box, and a JSON API: POST /api/predict (multipart field 'file', optional 'top_k'),
+        GET /api/health, OpenAPI docs at /docs. Images reach the model at their own size
+        (an fc model's at its one size, and the answer says so). Without --checkpoint it
+        serves the demo's size-robust model from runs/demo, training it first (a few minutes,
+        with a progress bar) if it is not there. Binds to 127.0.0.1 unless --host says
+        otherwise; bodies over --max-bytes get 413, bad images a JSON error.""",
+        ["gapnet serve", "gapnet serve --checkpoint runs/gap --port 8080"],
+    )  # fmt: skip
+    p.add_argument(
+        "--checkpoint",
+        "-c",
+        metavar="C",
+        help="a checkpoint or its run folder (default: the demo's robust model in runs/demo)",
+    )
+    from gapnet import serve
+
+    p.add_argument(
+        "--host", default=serve.HOST, help=f"address to bind (default {serve.HOST}: this machine)"
+    )
+    p.add_argument("--port", type=_positive, default=serve.PORT, help=f"(default {serve.PORT})")
+    p.add_argument(
+        "--max-bytes",
+        type=_positive,
+        default=serve.MAX_BYTES,
+        metavar="N",
+        help=f"largest request body; larger ones get 413 (default {serve.MAX_BYTES})",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=_positive,
+        default=serve.MAX_PIXELS,
+        metavar="N",
+        help=f"largest image, in pixels, decoded (default {serve.MAX_PIXELS})",
+    )
+    p.add_argument("--threads", type=_nonneg, metavar="N", help="torch threads")
+    p.set_defaults(handler=cmd_serve)
     return parser
 
 

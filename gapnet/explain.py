@@ -327,8 +327,9 @@ def held_out_image(ckpt: Checkpoint, index: int = 0) -> HeldOutImage:
     ds = data.load(spec, seed=cfg.get("split_seed", 0), size=cfg.get("image_size"))
     _check_int(index, "index", 0, len(ds.test) - 1)
     label = int(ds.test.labels[index])
-    name = ckpt.classes[label]
-    return HeldOutImage(ds.test.images[index], label, ckpt.classes,
+    classes = ckpt.class_names()
+    name = classes[label]
+    return HeldOutImage(ds.test.images[index], label, classes,
                      f"test image #{index} of {spec} (a {name})")  # fmt: skip
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gapnet import data
 from gapnet.models import eval_mode
 
 
@@ -126,3 +127,40 @@ def predict_proba(model: nn.Module, images: Tensor, *, batch_size: int = 512) ->
     parts = [logits.softmax(1).cpu() for _, logits in batch_logits(model, batch, batch_size)]
     probs = torch.cat(parts) if parts else torch.zeros(0, 0)
     return probs[0] if single else probs
+
+
+def model_input(model: Any, x: Tensor) -> tuple[Tensor, str | None]:
+    """One image (C, H, W) as `model` takes it, and a note when it had to change it.
+
+    The one rule for predict, the web demo and the CLI: a global-pooling model takes the
+    image at its own size (nothing is resized); a model with one input size (an fc head) gets
+    the image resized to it, and the note says so.
+
+    Args:
+        model: a GapNet (or anything with ``input_size``, ``config.head`` and
+            ``backbone.min_input_size``, such as an exported ONNX model).
+        x: the image.
+
+    Raises:
+        ValueError: the image is smaller than the backbone's smallest input.
+
+    Example:
+        >>> from gapnet.models import create
+        >>> x, note = model_input(create("convnet-tiny", head="fc"), torch.rand(1, 40, 52))
+        >>> tuple(x.shape), note
+        ((1, 28, 28), 'resized from 52x40 to 28x28: this fc model takes one input size only')
+    """
+    note, s = None, model.input_size
+    if s is not None and tuple(x.shape[-2:]) != (s, s):
+        note = (
+            f"resized from {x.shape[-1]}x{x.shape[-2]} to {s}x{s}: this {model.config.head} "
+            "model takes one input size only"
+        )
+        x = data.rescale(x[None], s)[0]
+    low = model.backbone.min_input_size
+    if min(x.shape[-2:]) < low:
+        raise ValueError(
+            f"the image is {x.shape[-1]}x{x.shape[-2]} pixels; this model needs at least "
+            f"{low}x{low}"
+        )
+    return x, note

@@ -488,14 +488,7 @@ class GapNet(nn.Module):
             >>> create("convnet-tiny", head="gap").size_problem(36, 20) is None
             True
         """
-        width = height if width is None else width
-        s = self.input_size
-        if s is not None and (height, width) != (s, s):
-            return f"fixed {s}x{s} input"
-        low = self.backbone.min_input_size
-        if min(height, width) < low:
-            return f"needs at least {low}x{low}"
-        return None
+        return size_problem(self.input_size, self.backbone.min_input_size, height, width)
 
     def _check_input(self, x: Tensor) -> None:
         c = self.config.in_chans
@@ -548,6 +541,24 @@ class GapNet(nn.Module):
         backbone = sum(p.numel() for p in self.backbone.parameters())
         head = sum(p.numel() for p in self.head.parameters())
         return {"backbone": backbone, "head": head, "total": backbone + head}
+
+
+def size_problem(
+    input_size: int | None, min_input_size: int, height: int, width: int | None = None
+) -> str | None:
+    """The one rule of what input a model takes: its one size (fc heads), else any H, W from
+    `min_input_size`. Returns why height x width does not fit, or None.
+
+    Example:
+        >>> size_problem(28, 4, 36), size_problem(None, 4, 2, 9), size_problem(None, 4, 40, 9)
+        ('fixed 28x28 input', 'needs at least 4x4', None)
+    """
+    width = height if width is None else width
+    if input_size is not None and (height, width) != (input_size, input_size):
+        return f"fixed {input_size}x{input_size} input"
+    if min(height, width) < min_input_size:
+        return f"needs at least {min_input_size}x{min_input_size}"
+    return None
 
 
 # ----------------------------------------------------------------------------- registry

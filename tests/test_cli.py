@@ -171,7 +171,7 @@ def test_predict_text_says_what_it_did(runs, digit_png, capsys):
     assert code == 0
     assert "45x37 RGB -> 1x28x28 input" in out
     assert "inverted: its border is mostly bright" in out
-    assert "resized to 28x28: an fc model takes one input size only" in out
+    assert "resized from 45x37 to 28x28: this fc model takes one input size only" in out
     assert len([line for line in out.splitlines() if line.startswith("  ")]) == 2
 
 
