@@ -84,6 +84,26 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def _scales(text: str) -> tuple[float, ...]:
+    """ "1,0.5,0.25" -> (1.0, 0.5, 0.25): the factors of a test-time pyramid."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(0 < v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive factors such as 1,0.5,0.25, got {text!r}"
+        )
+    return values
+
+
+SCALES_HELP = (
+    "test-time multi-scale inference: also run the input rescaled by each factor (levels under "
+    "20 px skipped) and average the class probabilities, e.g. 1,0.5,0.25 (default: one pass at "
+    "the input's own size)"
+)
+
+
 def _names(text: str) -> tuple[str, ...]:
     names = tuple(v.strip() for v in text.split(",") if v.strip())
     if not names:
@@ -347,7 +367,9 @@ def cmd_eval(a: argparse.Namespace) -> int:
                 f"this {model.config.head} model cannot take {side}x{side} inputs ({na}); only "
                 "global-pooling heads accept any size"
             )
-    acc, loss = evaluate(model, test.images, test.labels, batch_size=a.batch_size)
+    acc, loss = evaluate(model, test.images, test.labels, batch_size=a.batch_size, scales=a.scales)
+    if a.scales:
+        what += f", multi-scale {','.join(f'{v:g}' for v in a.scales)}"
     if a.json:
         print(json.dumps({"data": spec, "n": len(test), "inputs": what, "acc": acc, "loss": loss}))
     else:
@@ -371,7 +393,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     out = []
     for path, x, info in images:
         x, note = _model_input(model, x, path, a.resize)
-        probs = predict_proba(model, x[None])[0]  # (K,)
+        probs = predict_proba(model, x[None], scales=a.scales)[0]  # (K,)
         top = probs.topk(k)
         out.append({
             "image": path, "size": list(info.size), "mode": info.mode,
@@ -961,6 +983,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=_nonneg, default=0, help="canvas placement seed (default 0)")
     p.add_argument("--batch-size", type=_positive, default=256, help="(default 256)")
+    p.add_argument("--scales", type=_scales, metavar="F,F,..", help=SCALES_HELP)
     p.add_argument("--threads", type=_nonneg, metavar="N", help="torch threads")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=cmd_eval)
@@ -991,6 +1014,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print a JSON list, one object per image (top_k and all probs)",
     )
+    p.add_argument("--scales", type=_scales, metavar="F,F,..", help=SCALES_HELP)
     p.set_defaults(handler=cmd_predict)
 
     p = _command(

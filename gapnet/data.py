@@ -1094,6 +1094,53 @@ def random_canvas(
     return place_on_canvas(images, s, generator, distractors=distractors, pool=pool)
 
 
+def random_scale(
+    images: Tensor,
+    min_size: int,
+    max_size: int,
+    generator: torch.Generator,
+    *,
+    canvas_ratio: float = 1.0,
+    distractors: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Rescale the batch to one random side S, then `place_on_canvas` it on a random canvas.
+
+    The object-scale augmentation: the digit itself grows and shrinks (its strokes with it), as
+    when a larger image is drawn, not only the blank around it. S is drawn log-uniformly, so
+    each doubling of the size gets the same share of batches (and small, cheap sizes are not
+    rarer than large ones); the canvas side is drawn uniformly from [S, round(S * canvas_ratio)].
+
+    Args:
+        images: batch of images, background 0.
+        min_size, max_size: range of S, the side the images are rescaled to (inclusive).
+        generator: source of S, the canvas side and the positions.
+        canvas_ratio: the largest canvas side, as a multiple of S (>= 1; 1 keeps S x S).
+        distractors: as `place_on_canvas`.
+
+    Shape:
+        (N, C, H, W) -> canvases (N, C, T, T) for one T in [S, S * canvas_ratio], boxes (N, 4).
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x, box = random_scale(torch.rand(2, 1, 28, 28), 20, 112, g, canvas_ratio=1.5)
+        >>> 20 <= x.shape[-1] <= 168, x.shape[-1] == x.shape[-2]
+        (True, True)
+    """
+    lo, hi = _check_int(min_size, "min_size", 1), _check_int(max_size, "max_size", 1)
+    if hi < lo:
+        raise ValueError(f"max_size must be >= min_size, got min_size={lo}, max_size={hi}")
+    if (
+        isinstance(canvas_ratio, bool)
+        or not isinstance(canvas_ratio, (int, float))
+        or not (canvas_ratio >= 1)
+    ):
+        raise ValueError(f"canvas_ratio must be a number >= 1, got {canvas_ratio!r}")
+    u = float(torch.rand((), generator=generator, device=generator.device))
+    s = min(hi, max(lo, round(lo * (hi / lo) ** u)))
+    t = int(_randint(generator, s, max(s, round(s * canvas_ratio)), (1,), torch.device("cpu")))
+    return place_on_canvas(rescale(images, s), t, generator, distractors=distractors)
+
+
 def rescale(images: Tensor, size: int | tuple[int, int]) -> Tensor:
     """Resize a batch to size x size (or (H, W)), bilinear, antialiased when shrinking.
 

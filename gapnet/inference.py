@@ -6,7 +6,7 @@ its conv weights are stored in, and leave its train/eval flag as it was.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -46,17 +46,72 @@ def check_images(images: Any, what: str) -> None:
 
 
 def batch_logits(
-    model: nn.Module, images: Tensor, batch_size: int, amp: bool = False
+    model: nn.Module,
+    images: Tensor,
+    batch_size: int,
+    amp: bool = False,
+    scales: Sequence[float] | None = None,
 ) -> Iterator[tuple[int, Tensor]]:
-    """(start, float32 logits (B, K)) for each batch of `images`, model in eval mode, no grad."""
+    """(start, float32 logits (B, K)) for each batch of `images`, model in eval mode, no grad.
+
+    With `scales`, each batch runs at every level of `pyramid` and the logits returned are the
+    log of the levels' mean probabilities (so softmax and argmax read them as usual).
+    """
     device = model_device(model)
     fmt = torch.channels_last if is_channels_last(model) else torch.contiguous_format
     with eval_mode(model):
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size].to(device, non_blocking=True)
-            x = x.contiguous(memory_format=fmt)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                yield start, model(x).float()  # (B, K)
+            levels = [x] if scales is None else pyramid(x, scales, min_side(model))
+            probs = []
+            for level in levels:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    logits = model(level.contiguous(memory_format=fmt)).float()  # (B, K)
+                if scales is None:
+                    yield start, logits
+                probs.append(logits.softmax(1))
+            if scales is not None:
+                yield start, torch.stack(probs).mean(0).clamp_min(1e-30).log()
+
+
+def min_side(model: Any) -> int:
+    """The smallest pyramid level `model` is run at: 20 px, or its backbone's minimum if larger.
+
+    20 px is the smallest digit the any-size recipe trains on; below it strokes blur together.
+    """
+    return max(MIN_LEVEL, model.backbone.min_input_size)
+
+
+MIN_LEVEL = 20  # px: the smallest side of a pyramid level
+
+
+def pyramid(images: Tensor, scales: Sequence[float], min_side: int) -> list[Tensor]:
+    """`images` rescaled by each factor of `scales` (bilinear, antialiased), the levels whose
+    smaller side would fall below `min_side` left out; the input itself is always a level.
+
+    Args:
+        images: a batch of one size.
+        scales: positive factors of the input's side, e.g. (1, 0.5, 0.25).
+        min_side: the smallest side a level may have.
+
+    Example:
+        >>> [tuple(x.shape[-2:]) for x in pyramid(torch.rand(2, 1, 112, 90), (1, 0.5, 0.25), 20)]
+        [(112, 90), (56, 45), (28, 22)]
+        >>> [tuple(x.shape[-2:]) for x in pyramid(torch.rand(2, 1, 28, 28), (1, 0.5), 20)]
+        [(28, 28)]
+    """
+    if not scales or any(
+        isinstance(f, bool) or not isinstance(f, (int, float)) or not f > 0 for f in scales
+    ):
+        raise ValueError(f"scales must be positive numbers, e.g. (1, 0.5, 0.25), got {scales!r}")
+    h, w = images.shape[-2:]
+    levels, seen = [images], {(h, w)}
+    for f in scales:
+        hw = (max(1, round(h * f)), max(1, round(w * f)))
+        if min(hw) >= min_side and hw not in seen:
+            seen.add(hw)
+            levels.append(data.rescale(images, hw))
+    return levels
 
 
 def evaluate(
@@ -66,6 +121,7 @@ def evaluate(
     *,
     batch_size: int = 512,
     amp: bool = False,
+    scales: Sequence[float] | None = None,
 ) -> tuple[float, float]:
     """Accuracy and mean cross-entropy of `model` on a labelled set, in eval mode, no grad.
 
@@ -75,6 +131,8 @@ def evaluate(
         labels: int64 class indices.
         batch_size: images per forward pass.
         amp: run the forward passes under bf16 autocast.
+        scales: test-time multi-scale inference: run every level of `pyramid(images, scales)`
+            and average the levels' class probabilities; None: one pass at the input's size.
 
     Shape:
         images (N, C, H, W), labels (N,) -> (accuracy in [0, 1], loss)
@@ -96,7 +154,7 @@ def evaluate(
     device = model_device(model)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    for start, logits in batch_logits(model, images, batch_size, amp):
+    for start, logits in batch_logits(model, images, batch_size, amp, scales):
         y = labels[start : start + len(logits)].to(device, non_blocking=True)
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
@@ -104,13 +162,20 @@ def evaluate(
     return correct.item() / n, loss_sum.item() / n
 
 
-def predict_proba(model: nn.Module, images: Tensor, *, batch_size: int = 512) -> Tensor:
+def predict_proba(
+    model: nn.Module,
+    images: Tensor,
+    *,
+    batch_size: int = 512,
+    scales: Sequence[float] | None = None,
+) -> Tensor:
     """Class probabilities (softmax of the logits), in eval mode, no grad, on the CPU.
 
     Args:
         model: a classifier returning (N, K) logits.
         images: a batch, or one image (C, H, W).
         batch_size: images per forward pass.
+        scales: test-time multi-scale inference, as in `evaluate`.
 
     Shape:
         (N, C, H, W) -> (N, K) float32; (C, H, W) -> (K,)
@@ -124,7 +189,10 @@ def predict_proba(model: nn.Module, images: Tensor, *, batch_size: int = 512) ->
     single = isinstance(images, Tensor) and images.dim() == 3
     batch = images[None] if single else images
     check_images(batch, "predict_proba")
-    parts = [logits.softmax(1).cpu() for _, logits in batch_logits(model, batch, batch_size)]
+    parts = [
+        logits.softmax(1).cpu()
+        for _, logits in batch_logits(model, batch, batch_size, scales=scales)
+    ]
     probs = torch.cat(parts) if parts else torch.zeros(0, 0)
     return probs[0] if single else probs
 

@@ -58,6 +58,7 @@ class ModelConfig(Config):
     head: str = option("gap", choices=HEADS)  # "gap" is NiN's 1x1 conv + GAP, "fc" the baseline
     widths: tuple[int, ...] = option((32, 64, 128), low=1, nonempty=True)  # convnet stages
     depth: int = option(2, low=1)  # convnet: conv3x3-BN-ReLU blocks per stage
+    ceil_mode: bool = False  # convnet: pools keep an odd last row/column (no pixel is dropped)
     input_size: int = option(28, low=1)  # H = W the fc heads are sized for (others: any size)
     fc_hidden: int = option(512, low=0)  # hidden units of the fc heads; 0: a single Linear
     drop_rate: float = option(0.5, low=0, below=1)  # dropout of "fc-dropout" and of NiN
@@ -102,23 +103,31 @@ class ConvNet(Backbone):
         in_chans: input channels.
         widths: channels of each stage.
         depth: blocks per stage.
+        ceil_mode: the pools' ceil_mode. Off, a pool drops an odd last row and column, and many
+            stages on a small input drop much of it (28 px through four pools keeps 16 rows:
+            28 -> 14 -> 7 -> 3 -> 1); on, every pixel reaches the output, and any H, W >= 1 works.
 
     Shape:
         (N, in_chans, H, W) -> (N, widths[-1], H // 2^(S-1), W // 2^(S-1)) for S stages; any
-        H, W >= 2^(S-1).
+        H, W >= 2^(S-1). With ceil_mode, each pool rounds up instead.
 
     Example:
         >>> ConvNet(1, (8, 16, 32), depth=1)(torch.randn(2, 1, 28, 28)).shape
         torch.Size([2, 32, 7, 7])
+        >>> net = ConvNet(1, (8, 16, 32, 32, 32), depth=1, ceil_mode=True)
+        >>> net(torch.randn(2, 1, 28, 20)).shape, net.feature_size(28)
+        (torch.Size([2, 32, 2, 2]), 2)
     """
 
-    def __init__(self, in_chans: int, widths: tuple[int, ...], depth: int) -> None:
+    def __init__(
+        self, in_chans: int, widths: tuple[int, ...], depth: int, ceil_mode: bool = False
+    ) -> None:
         stages: OrderedDict[str, nn.Module] = OrderedDict()
         prev = in_chans
         for i, width in enumerate(widths):
             layers: OrderedDict[str, nn.Module] = OrderedDict()
             if i > 0:
-                layers["pool"] = MaxPool2d(2)  # (N, C, H, W) -> (N, C, H // 2, W // 2)
+                layers["pool"] = MaxPool2d(2, ceil_mode=ceil_mode)  # H -> H // 2 (ceil: rounded up)
             for j in range(depth):
                 layers[f"block{j}"] = ConvBnAct(prev, width)
                 prev = width
@@ -126,9 +135,12 @@ class ConvNet(Backbone):
         super().__init__(stages)
         self.num_features = widths[-1]
         self.num_pools = len(widths) - 1
-        self.min_input_size = 2**self.num_pools
+        self.ceil_mode = ceil_mode
+        self.min_input_size = 1 if ceil_mode else 2**self.num_pools
 
     def feature_size(self, size: int) -> int:
+        if self.ceil_mode:
+            return -(-size // 2**self.num_pools)  # ceil at every pool == ceil of the whole
         return size // 2**self.num_pools
 
 
@@ -186,7 +198,7 @@ def create_backbone(config: ModelConfig) -> Backbone:
     """The backbone `config.arch` names."""
     if config.arch == "nin":
         return NiN(config.in_chans, config.drop_rate)
-    return ConvNet(config.in_chans, config.widths, config.depth)
+    return ConvNet(config.in_chans, config.widths, config.depth, config.ceil_mode)
 
 
 # ----------------------------------------------------------------------------- heads

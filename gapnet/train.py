@@ -72,7 +72,7 @@ __all__ = [
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("onecycle", "cosine", "constant")
-AUGMENTATIONS = ("none", "shift", "canvas")
+AUGMENTATIONS = ("none", "shift", "canvas", "scale")
 AMP_MODES = ("auto", "bf16", "off")
 CHANNELS_LAST_MODES = ("auto", "on", "off")
 
@@ -131,10 +131,12 @@ class TrainConfig(Config):
     grad_clip: float = option(0.0, low=0)  # clip the global gradient norm to this; 0: off
     seed: int = option(0, low=0)  # model init, subset, batch order, augmentation and dropout
     # augmentation (of training batches only; seeded per step)
-    augmentation: str = option("none", choices=AUGMENTATIONS)  # none, shift, or canvas
+    augmentation: str = option("none", choices=AUGMENTATIONS)  # none, shift, canvas, or scale
     shift: int = option(2, low=0)  # "shift": max pixels moved along x and y
     canvas_size: tuple[int, int] = option((28, 56), low=1)  # "canvas": MIN,MAX side, per batch
-    distractors: int = option(0, low=0)  # "canvas": stroke-like crops pasted per canvas
+    scale_size: tuple[int, int] = option((20, 112), low=1)  # "scale": MIN,MAX side of the digit
+    canvas_ratio: float = option(1.0, low=1)  # "scale": canvas side up to this times the digit's
+    distractors: int = option(0, low=0)  # "canvas", "scale": stroke-like crops per canvas
     # runtime (how, not what)
     device: str = option("auto", nonempty=True)  # auto (cuda when present), cpu, cuda, cuda:1
     amp: str = option("auto", choices=AMP_MODES)  # auto: bf16 autocast on CUDA; bf16; off
@@ -152,6 +154,8 @@ class TrainConfig(Config):
             raise ValueError("TrainConfig: nesterov=True needs momentum > 0, got momentum=0")
         if self.canvas_size[0] > self.canvas_size[1]:
             self.fail("canvas_size", "must be (min, max) with min <= max")
+        if self.scale_size[0] > self.scale_size[1]:
+            self.fail("scale_size", "must be (min, max) with min <= max")
 
     @property
     def run_dir(self) -> Path:
@@ -776,10 +780,10 @@ def _create_model(
         cfg.model, num_classes=len(classes), in_chans=train_set.in_chans, head=cfg.head,
         **overrides,
     )  # fmt: skip
-    if model.input_size is not None and cfg.augmentation == "canvas":
+    if model.input_size is not None and cfg.augmentation in ("canvas", "scale"):
         raise ValueError(
             f"TrainConfig: head {cfg.head!r} takes only one input size, but augmentation "
-            "'canvas' varies it; use a global-pooling head or another augmentation"
+            f"{cfg.augmentation!r} varies it; use a global-pooling head or another augmentation"
         )
     return model
 
@@ -829,6 +833,11 @@ def _augment(cfg: TrainConfig, x: Tensor, g: torch.Generator) -> Tensor:
     if cfg.augmentation == "canvas":
         lo, hi = cfg.canvas_size
         return data.random_canvas(x, lo, hi, g, distractors=cfg.distractors)[0]
+    if cfg.augmentation == "scale":
+        lo, hi = cfg.scale_size
+        return data.random_scale(
+            x, lo, hi, g, canvas_ratio=cfg.canvas_ratio, distractors=cfg.distractors
+        )[0]
     return x
 
 

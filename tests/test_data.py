@@ -480,6 +480,33 @@ def test_random_canvas_and_rescale():
         assert y.shape == (4, 3, size, size) and y.min() >= 0.1 and y.max() <= 1
 
 
+def test_random_scale_grows_the_digit_not_only_the_canvas():
+    g = torch.Generator().manual_seed(3)
+    x = torch.zeros(2, 1, 28, 28)
+    x[:, :, 4:24, 10:18] = 1.0  # a 20 x 8 "digit" in a 28-px image
+    sides, widths = set(), set()
+    for _ in range(200):
+        canvases, boxes = D.random_scale(x, 20, 112, g, canvas_ratio=1.5)
+        s = canvases.shape[-1]
+        w = int(boxes[0, 2] - boxes[0, 0])  # the digit's own width grows with the scale
+        assert canvases.shape[-2] == s and 20 <= s <= 168 and boxes.shape == (2, 4)
+        sides.add(s)
+        widths.add(w)
+    assert min(sides) <= 24 and max(sides) >= 120  # log-uniform: both ends are drawn
+    assert min(widths) <= 7 and max(widths) >= 28  # 8 px scaled by 20/28 .. 112/28
+    # canvas_ratio 1: the canvas is the rescaled image itself
+    assert {D.random_scale(x, 40, 40, g)[0].shape[-1] for _ in range(5)} == {40}
+    cases = [  # (min_size, max_size, canvas_ratio, message)
+        (30, 20, 1.0, "max_size must be >= min_size"),
+        (0, 20, 1.0, "min_size must be an int >= 1"),
+        (20, 40, 0.5, "canvas_ratio must be a number >= 1"),
+        (20, 40, True, "canvas_ratio must be a number >= 1"),
+    ]
+    for lo, hi, ratio, message in cases:
+        with pytest.raises(ValueError, match=message):
+            D.random_scale(x, lo, hi, g, canvas_ratio=ratio)
+
+
 def test_canvas_mnist_deterministic_per_seed(mnist5k):
     a, boxes_a = D.canvas_mnist(56, n=50, distractors=2, seed=7)
     b, boxes_b = D.canvas_mnist(56, n=50, distractors=2, seed=7)

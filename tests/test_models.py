@@ -176,6 +176,33 @@ def test_convnet_backbone_hand_count():
     assert M.create("convnet").param_counts()["backbone"] == CONVNET_BACKBONE
 
 
+# (widths, H, W, feature map h x w): ceil_mode pools keep the odd last row and column, so
+# every pixel reaches the features and any size >= 1 goes in; the floor pools would need 16 px
+# for four pools and keep only rows 0..15 of 28 (28 -> 14 -> 7 -> 3 -> 1).
+CEIL_CASES = [
+    ((8, 16, 32, 32, 32), 28, 28, 2, 2),  # 28 -> 14 -> 7 -> 4 -> 2
+    ((8, 16, 32, 32, 32), 20, 9, 2, 1),  # 20 -> 10 -> 5 -> 3 -> 2; 9 -> 5 -> 3 -> 2 -> 1
+    ((8, 16, 32, 32, 32), 1, 1, 1, 1),  # smaller than one window: a single cell
+    ((8, 16), 7, 6, 4, 3),
+]
+
+
+@pytest.mark.parametrize("widths, h, w, fh, fw", CEIL_CASES)
+def test_ceil_mode_backbone_keeps_every_pixel(widths, h, w, fh, fw):
+    torch.manual_seed(0)
+    net = M.create("convnet-tiny", widths=widths, ceil_mode=True, num_classes=0).eval()
+    assert net.backbone.min_input_size == 1
+    x = randn(1, 1, h, w)
+    features = net.backbone(x)
+    assert features.shape[-2:] == (fh, fw)
+    assert (net.backbone.feature_size(h), net.backbone.feature_size(w)) == (fh, fw)
+    # the bottom-right pixel moves the output (a floor pool would drop it at these sizes)
+    y = x.clone()
+    y[..., -1, -1] += 10
+    assert not torch.equal(net.backbone(y), features)
+    assert net(x).shape == (1, net.num_features)
+
+
 @pytest.mark.parametrize("head", M.HEADS)
 def test_head_param_counts(head):
     counts = M.create("convnet", head=head).param_counts()

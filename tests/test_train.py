@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from gapnet import checkpoint
+from gapnet import checkpoint, data, models
 from gapnet import train as T
 from gapnet.inference import is_channels_last
 from gapnet.train import TrainConfig, evaluate, load_checkpoint, lr_at, predict_proba, train
@@ -493,6 +493,26 @@ def test_evaluate_matches_a_direct_computation():
         evaluate(model, x, y[:-1])
     with pytest.raises(ValueError, match="images must be a float \\(N, C, H, W\\) tensor"):
         evaluate(model, x[0], y)
+
+
+def test_multi_scale_inference_averages_the_pyramid_levels():
+    torch.manual_seed(0)
+    model = models.create("convnet-tiny", num_classes=3)
+    x, y = torch.rand(6, 1, 112, 90), torch.randint(0, 3, (6,))
+    levels = [x, data.rescale(x, (56, 45)), data.rescale(x, (28, 22))]  # 14x11 < 20 px: skipped
+    with torch.no_grad():
+        expected = torch.stack([model.eval()(v).softmax(1) for v in levels]).mean(0)
+    probs = predict_proba(model, x, batch_size=4, scales=(1, 0.5, 0.25, 0.125))
+    assert torch.allclose(probs, expected, atol=1e-6)
+    acc, loss = evaluate(model, x, y, scales=(1, 0.5, 0.25, 0.125))
+    assert acc == pytest.approx((expected.argmax(1) == y).float().mean().item())
+    assert loss == pytest.approx(-expected[torch.arange(6), y].log().mean().item(), rel=1e-5)
+    # a 28-px input has no level of 20 px or more below it: one pass, as without scales
+    small = torch.rand(3, 1, 28, 28)
+    assert torch.allclose(predict_proba(model, small, scales=(1, 0.5)), predict_proba(model, small))
+    for bad in ((), (1, 0), (1, -0.5), (True,)):
+        with pytest.raises(ValueError, match="scales must be positive numbers"):
+            predict_proba(model, small, scales=bad)
 
 
 def test_doctests():
