@@ -30,6 +30,8 @@ NARROW = {"widths": [16, 32, 64]}
 DEEP = {"widths": [16, 32, 64, 128]}
 DEEP5 = {"widths": [16, 32, 64, 96, 128]}
 DEEP5C = {"widths": [16, 32, 64, 96, 128], "ceil_mode": True}
+DEEP5C_GN = {**DEEP5C, "norm": "group"}
+DEEP5C_NONE = {**DEEP5C, "norm": "none"}
 DEEP6C = {"widths": [16, 32, 48, 64, 96, 128], "ceil_mode": True}
 CANVAS = dict(augmentation="canvas", canvas_size=[28, 40])  # today's robust recipe
 SCALE = dict(augmentation="scale", scale_size=[20, 112], canvas_ratio=1.5)
@@ -46,6 +48,15 @@ VARIANTS: dict[str, dict] = {
     # ... with pools that drop no pixel (ceil_mode), 5 and 6 stages (receptive field 140, 284 px)
     "gem-scale-5c": dict(head="gem", model_overrides=DEEP5C, **SCALE),
     "gem-scale-6c": dict(head="gem", model_overrides=DEEP6C, **SCALE),
+    # BatchNorm's eval statistics are those of a mix of scales: per-sample or no normalization
+    "gem-scale-5c-gn": dict(head="gem", model_overrides=DEEP5C_GN, **SCALE),
+    "gem-scale-5c-none": dict(head="gem", model_overrides=DEEP5C_NONE, **SCALE),
+    # no normalization, a gentler optimizer (He init; the default lr and decay stall it)
+    "gem-scale-5c-none-slow": dict(
+        head="gem", model_overrides=DEEP5C_NONE, lr=2e-3, weight_decay=0.01, **SCALE
+    ),
+    # ... or BatchNorm frozen (running statistics) for the last epochs
+    "gem-scale-5c-fbn": dict(head="gem", model_overrides=DEEP5C, frozen_bn_epochs=4, **SCALE),
     # the pool, on the 4-stage scale recipe
     "gap-scale": dict(head="gap", model_overrides=DEEP, **SCALE),
     "gmp-scale": dict(head="gmp", model_overrides=DEEP, **SCALE),
@@ -92,13 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=BASE["epochs"])
     p.add_argument("--eval-n", type=int, default=None, help="test digits per set (default all)")
     p.add_argument("--out", default="runs/any_size")
+    p.add_argument("--threads", type=int, default=BASE["threads"])
     a = p.parse_args(argv)
     out = Path(a.out)
     sets = eval_sets(a.eval_n)
     for name in a.variants.split(","):
         for seed in (int(s) for s in a.seeds.split(",")):
-            cfg = TrainConfig(**{**BASE, "epochs": a.epochs, **VARIANTS[name], "seed": seed,
-                                 "out_dir": str(out / name / f"seed{seed}")})  # fmt: skip
+            fields = {**BASE, "epochs": a.epochs, "threads": a.threads, **VARIANTS[name]}
+            cfg = TrainConfig(**fields, seed=seed, out_dir=str(out / name / f"seed{seed}"))
             t0 = time.perf_counter()
             result = train(cfg, progress=False, overwrite=True)
             rows = measure(result.model, sets, SCALES)

@@ -27,6 +27,7 @@ from gapnet.config import Config, option
 from gapnet.nn import AvgPool2d, ClassifierHead, GeM, GlobalPool2d, MaxPool2d
 
 ARCHS = ("convnet", "nin")
+NORMS = ("batch", "group", "none")  # the normalization of convnet's conv blocks
 FC_HEADS = ("fc", "fc-dropout")
 # head name -> GlobalPool2d kind of the ClassifierHead it builds
 POOLED_HEADS = {
@@ -59,6 +60,7 @@ class ModelConfig(Config):
     widths: tuple[int, ...] = option((32, 64, 128), low=1, nonempty=True)  # convnet stages
     depth: int = option(2, low=1)  # convnet: conv3x3-BN-ReLU blocks per stage
     ceil_mode: bool = False  # convnet: pools keep an odd last row/column (no pixel is dropped)
+    norm: str = option("batch", choices=NORMS)  # convnet: batch, group (8 per group), or none
     input_size: int = option(28, low=1)  # H = W the fc heads are sized for (others: any size)
     fc_hidden: int = option(512, low=0)  # hidden units of the fc heads; 0: a single Linear
     drop_rate: float = option(0.5, low=0, below=1)  # dropout of "fc-dropout" and of NiN
@@ -69,20 +71,39 @@ class ModelConfig(Config):
 
 
 class ConvBnAct(nn.Sequential):
-    """conv kxk (same padding, no bias: BN has one) -> BatchNorm -> ReLU.
+    """conv kxk (same padding) -> normalization -> ReLU.
+
+    Args:
+        in_chs, out_chs, kernel_size: of the conv.
+        norm: "batch" (BatchNorm, the default), "group" (GroupNorm, 8 channels per group, or
+            one group when fewer), or "none" (the conv gets a bias instead). BatchNorm at eval
+            time applies the statistics of the training batches, which change with the input's
+            scale (docs/research_any_size.md); GroupNorm and no norm compute the same function
+            in training and at eval.
 
     Shape:
         (N, in_chs, H, W) -> (N, out_chs, H, W).
     """
 
-    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 3) -> None:
-        super().__init__(
-            OrderedDict(
-                conv=nn.Conv2d(in_chs, out_chs, kernel_size, padding=kernel_size // 2, bias=False),
-                bn=nn.BatchNorm2d(out_chs),
-                act=nn.ReLU(inplace=True),
+    def __init__(
+        self, in_chs: int, out_chs: int, kernel_size: int = 3, norm: str = "batch"
+    ) -> None:
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+        layers: OrderedDict[str, nn.Module] = OrderedDict(
+            conv=nn.Conv2d(
+                in_chs, out_chs, kernel_size, padding=kernel_size // 2, bias=norm == "none"
             )
         )
+        if norm == "batch":
+            layers["bn"] = nn.BatchNorm2d(out_chs)
+        elif norm == "group":
+            layers["gn"] = nn.GroupNorm(max(1, out_chs // 8), out_chs)
+        else:  # no norm to rescale the signal: He init keeps its variance through deep stacks
+            nn.init.kaiming_normal_(layers["conv"].weight, nonlinearity="relu")
+            nn.init.zeros_(layers["conv"].bias)
+        layers["act"] = nn.ReLU(inplace=True)
+        super().__init__(layers)
 
 
 class Backbone(nn.Sequential):
@@ -103,6 +124,7 @@ class ConvNet(Backbone):
         in_chans: input channels.
         widths: channels of each stage.
         depth: blocks per stage.
+        norm: the blocks' normalization (`ConvBnAct`).
         ceil_mode: the pools' ceil_mode. Off, a pool drops an odd last row and column, and many
             stages on a small input drop much of it (28 px through four pools keeps 16 rows:
             28 -> 14 -> 7 -> 3 -> 1); on, every pixel reaches the output, and any H, W >= 1 works.
@@ -120,7 +142,12 @@ class ConvNet(Backbone):
     """
 
     def __init__(
-        self, in_chans: int, widths: tuple[int, ...], depth: int, ceil_mode: bool = False
+        self,
+        in_chans: int,
+        widths: tuple[int, ...],
+        depth: int,
+        ceil_mode: bool = False,
+        norm: str = "batch",
     ) -> None:
         stages: OrderedDict[str, nn.Module] = OrderedDict()
         prev = in_chans
@@ -129,7 +156,7 @@ class ConvNet(Backbone):
             if i > 0:
                 layers["pool"] = MaxPool2d(2, ceil_mode=ceil_mode)  # H -> H // 2 (ceil: rounded up)
             for j in range(depth):
-                layers[f"block{j}"] = ConvBnAct(prev, width)
+                layers[f"block{j}"] = ConvBnAct(prev, width, norm=norm)
                 prev = width
             stages[f"stage{i}"] = nn.Sequential(layers)
         super().__init__(stages)
@@ -198,7 +225,7 @@ def create_backbone(config: ModelConfig) -> Backbone:
     """The backbone `config.arch` names."""
     if config.arch == "nin":
         return NiN(config.in_chans, config.drop_rate)
-    return ConvNet(config.in_chans, config.widths, config.depth, config.ceil_mode)
+    return ConvNet(config.in_chans, config.widths, config.depth, config.ceil_mode, config.norm)
 
 
 # ----------------------------------------------------------------------------- heads

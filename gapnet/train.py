@@ -129,6 +129,7 @@ class TrainConfig(Config):
     warmup: float = option(0.2, low=0, high=1)  # fraction of the steps ramping the lr up
     label_smoothing: float = option(0.0, low=0, below=1)  # cross-entropy label smoothing
     grad_clip: float = option(0.0, low=0)  # clip the global gradient norm to this; 0: off
+    frozen_bn_epochs: int = option(0, low=0)  # last N epochs: BatchNorm stats frozen (averaged)
     seed: int = option(0, low=0)  # model init, subset, batch order, augmentation and dropout
     # augmentation (of training batches only; seeded per step)
     augmentation: str = option("none", choices=AUGMENTATIONS)  # none, shift, canvas, or scale
@@ -509,6 +510,12 @@ def _run_epoch(run: _Run, guard: _SigintGuard, on_step: Callable[[int, int], Non
                           world=run.procs.world, start=st.step)  # fmt: skip
     run.clock, before = time.perf_counter(), st.epoch_seconds
     run.net.train()
+    if cfg.frozen_bn_epochs:  # the epoch before: average the statistics; then keep them
+        first_frozen = cfg.epochs - cfg.frozen_bn_epochs
+        if e == first_frozen - 1:
+            average_batchnorm(run.net, reset=st.step == 0)
+        elif e >= first_frozen:
+            freeze_batchnorm(run.net)
     for k, batch in enumerate(_loader(run, run.train_set, batches), st.step):
         _stop_if_asked(run, guard, every=cfg.log_every)
         run.busy = True
@@ -825,6 +832,37 @@ def _note_skipped(run: _Run, batch: data.Batch) -> None:
                     f"skipping unreadable image: {item.reason}", data.UnreadableImageWarning,
                     stacklevel=2,
                 )  # fmt: skip
+
+
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def average_batchnorm(model: nn.Module, reset: bool) -> None:
+    """Make every BatchNorm layer's running statistics the plain average over the batches it
+    sees from now on (momentum None), instead of an exponential average of the last few.
+
+    Args:
+        reset: start the average afresh (False continues one, e.g. on resuming mid-epoch: the
+            count of batches is a saved buffer).
+    """
+    for m in model.modules():
+        if isinstance(m, BATCHNORMS):
+            if reset:
+                m.reset_running_stats()
+            m.momentum = None
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Put every BatchNorm layer of `model` in eval mode: it normalizes with its running
+    statistics and no longer updates them, while its weight and bias still train.
+
+    Training at many input scales, each batch's statistics are those of its own scale, but at
+    eval time one set of running statistics serves every scale; a model that ends its training
+    on fixed statistics learns to work with them (docs/research_any_size.md).
+    """
+    for m in model.modules():
+        if isinstance(m, BATCHNORMS):
+            m.eval()
 
 
 def _augment(cfg: TrainConfig, x: Tensor, g: torch.Generator) -> Tensor:

@@ -187,6 +187,28 @@ CEIL_CASES = [
 ]
 
 
+# (norm, the layer after each conv, whether the conv has a bias)
+NORM_CASES = [
+    ("batch", torch.nn.BatchNorm2d, False),  # the default; BN's shift replaces the bias
+    ("group", torch.nn.GroupNorm, False),
+    ("none", torch.nn.ReLU, True),  # straight to the ReLU, so the conv keeps its bias
+]
+
+
+@pytest.mark.parametrize("norm, after_conv, bias", NORM_CASES)
+def test_convnet_norms(norm, after_conv, bias):
+    net = tiny(norm=norm)
+    blocks = [m for m in net.backbone.modules() if isinstance(m, M.ConvBnAct)]
+    assert blocks and all(isinstance(b[1], after_conv) for b in blocks)
+    assert all((b.conv.bias is not None) == bias for b in blocks)
+    x = randn(2, 1, 28, 28)
+    if norm != "batch":  # no running statistics: training and eval compute the same function
+        train_out = net.train()(x)
+        assert torch.allclose(train_out, net.eval()(x), atol=1e-6)
+    with pytest.raises(ValueError, match="norm must be one of batch, group, none"):
+        M.ConvBnAct(1, 8, norm="layer")
+
+
 @pytest.mark.parametrize("widths, h, w, fh, fw", CEIL_CASES)
 def test_ceil_mode_backbone_keeps_every_pixel(widths, h, w, fh, fw):
     torch.manual_seed(0)

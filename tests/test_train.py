@@ -50,6 +50,14 @@ RESUME_CASES = [
             lr=0.05, schedule="cosine", warmup=0.1, grad_clip=1.0, label_smoothing=0.1,
         ),
     ),
+    # the digit itself rescaled per batch, ceil-mode pools, BatchNorm averaged then frozen
+    (
+        "gem+scale+frozen-bn",
+        dict(
+            head="gem", augmentation="scale", scale_size=(6, 16), canvas_ratio=1.5,
+            frozen_bn_epochs=1, model_overrides={"widths": [8, 16], "depth": 1, "ceil_mode": True},
+        ),
+    ),
 ]  # fmt: skip
 
 
@@ -493,6 +501,18 @@ def test_evaluate_matches_a_direct_computation():
         evaluate(model, x, y[:-1])
     with pytest.raises(ValueError, match="images must be a float \\(N, C, H, W\\) tensor"):
         evaluate(model, x[0], y)
+
+
+def test_frozen_batchnorm_keeps_the_average_of_the_epoch_before(tmp_path):
+    # 3 epochs, the last frozen: statistics averaged over epoch 2's steps only, then kept
+    result = train(tiny(tmp_path, epochs=3, frozen_bn_epochs=1), progress=False)
+    bns = [m for m in result.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(int(m.num_batches_tracked) == STEPS for m in bns)
+    plain = train(tiny(tmp_path, "plain", epochs=3), progress=False).model
+    assert all(int(m.num_batches_tracked) == 3 * STEPS for m in plain.modules()
+               if isinstance(m, nn.BatchNorm2d))  # fmt: skip
+    with pytest.raises(ValueError, match="scale_size"):
+        tiny(tmp_path, scale_size=(30, 20))
 
 
 def test_multi_scale_inference_averages_the_pyramid_levels():
