@@ -90,18 +90,17 @@ class ConvBnAct(nn.Sequential):
     ) -> None:
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
-        layers: OrderedDict[str, nn.Module] = OrderedDict(
-            conv=nn.Conv2d(
-                in_chs, out_chs, kernel_size, padding=kernel_size // 2, bias=norm == "none"
-            )
+        conv = nn.Conv2d(
+            in_chs, out_chs, kernel_size, padding=kernel_size // 2, bias=norm == "none"
         )
+        layers: OrderedDict[str, nn.Module] = OrderedDict(conv=conv)
         if norm == "batch":
             layers["bn"] = nn.BatchNorm2d(out_chs)
         elif norm == "group":
             layers["gn"] = nn.GroupNorm(max(1, out_chs // 8), out_chs)
         else:  # no norm to rescale the signal: He init keeps its variance through deep stacks
-            nn.init.kaiming_normal_(layers["conv"].weight, nonlinearity="relu")
-            nn.init.zeros_(layers["conv"].bias)
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            nn.init.zeros_(conv.bias)  # type: ignore[arg-type]  # bias=True above
         layers["act"] = nn.ReLU(inplace=True)
         super().__init__(layers)
 
