@@ -472,7 +472,7 @@ def cmd_cam(a: argparse.Namespace) -> int:
 
 def cmd_localize(a: argparse.Namespace) -> int:
     """`gapnet localize`: classification and CAM-box accuracy per canvas size."""
-    from gapnet import cam, report
+    from gapnet import cam, compare, report
 
     _set_threads(a.threads)
     model, cfg, _ = _load_model(a.checkpoint)
@@ -491,7 +491,7 @@ def cmd_localize(a: argparse.Namespace) -> int:
         how = "given" if a.threshold_given else "default"
         threshold, region = a.threshold, a.region or "largest"
     rows = [
-        report.localization_row(r)
+        compare.localization_row(r)
         for r in cam.localize(
             model, a.sizes, n=a.n, distractors=a.distractors, threshold=threshold, region=region,
             seed=a.seed, source=source,
@@ -562,7 +562,7 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def _spec_changes(a: argparse.Namespace) -> dict[str, Any]:
-    from gapnet.report import DEMO
+    from gapnet.compare import DEMO
 
     mapping = {
         "data": a.data, "model": a.model, "heads": a.heads, "epochs": a.epochs,
@@ -581,10 +581,10 @@ def _spec_changes(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_report(spec: Any, out: str, a: argparse.Namespace, argv: Sequence[str]) -> int:
-    from gapnet import report
+    from gapnet import compare, report
 
     command = f"{PROG} {shlex.join(argv)}"
-    results = report.run_compare(spec, out, command=command, progress=not a.quiet, reuse=a.reuse)
+    results = compare.run_compare(spec, out, command=command, progress=not a.quiet, reuse=a.reuse)
     paths = report.write_report(results, out)
     print(report.summary_text(results))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
@@ -593,7 +593,7 @@ def _run_report(spec: Any, out: str, a: argparse.Namespace, argv: Sequence[str])
 
 def cmd_compare(a: argparse.Namespace) -> int:
     """`gapnet compare`: CompareSpec defaults, then --quick (DEMO.quick), then the flags."""
-    from gapnet.report import DEMO, CompareSpec
+    from gapnet.compare import DEMO, CompareSpec
 
     spec = CompareSpec()
     if a.quick:
@@ -604,7 +604,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 def cmd_demo(a: argparse.Namespace) -> int:
     """`gapnet demo`: the comparison with DEMO's settings (DEMO.quick on top with --quick)."""
-    from gapnet.report import DEMO
+    from gapnet.compare import DEMO
 
     spec = DEMO.spec.replace(**DEMO.quick) if a.quick else DEMO.spec
     if a.threads is not None:
@@ -789,8 +789,8 @@ def _add_image_args(p: argparse.ArgumentParser, onnx: bool = False) -> None:
 
 
 def _add_compare_args(p: argparse.ArgumentParser) -> None:
+    from gapnet.compare import DEMO, CompareSpec
     from gapnet.models import list_models
-    from gapnet.report import DEMO, CompareSpec
 
     d = CompareSpec()
     csv = ",".join
@@ -1009,7 +1009,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(
         sub, "demo", "the whole GAP-vs-FC comparison on mnist-5k with the demo settings",
-        """Run `gapnet compare` with the demo settings (gapnet.report.DEMO): several heads on
+        """Run `gapnet compare` with the demo settings (gapnet.compare.DEMO): several heads on
         mnist-5k, a size-robust GeM variant trained on random canvases, a sweep over smaller
         training sets and the CAM section, then write the report to runs/demo. Under five
         minutes on 2 CPU cores; --quick takes about one.""",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from gapnet import data, models, report
+from gapnet import compare, data, models, report
 from gapnet.cli import main
 
 COMMANDS = ("train", "eval", "predict", "compare", "demo", "report", "info", "cam", "localize")
@@ -261,7 +261,7 @@ def test_compare_writes_the_report_with_every_section(tmp_path, capsys):
     md = (out_dir / "report.md").read_text()
     for section in ("## Heads", "## Any input size", "## Overfitting", "## Localization"):
         assert section in md
-    robust = f"{report.DEMO.spec.robust_head}-robust"  # --robust: the demo's robust variant
+    robust = f"{compare.DEMO.spec.robust_head}-robust"  # --robust: the demo's robust variant
     assert "n/a (fixed 28x28 input)" in md and robust in md
     results = json.loads((out_dir / "results.json").read_text())
     assert results["command"].startswith("gapnet compare --model convnet-tiny")
@@ -281,15 +281,15 @@ def test_demo_and_quick_take_their_settings_from_DEMO(tmp_path, capsys, monkeypa
         seen.append((spec, str(out), kwargs["command"]))
         return {"format": report.RESULTS_FORMAT, "runs": [], "command": kwargs["command"]}
 
-    monkeypatch.setattr(report, "run_compare", fake_compare)
+    monkeypatch.setattr(compare, "run_compare", fake_compare)
     assert main(["demo", "--out", str(tmp_path / "d")]) == 0
     assert main(["demo", "--quick", "--out", str(tmp_path / "q")]) == 0
     assert main(["compare", "--quick", "--epochs", "7", "--out", str(tmp_path / "c")]) == 0
     capsys.readouterr()
     (full, _, cmd), (quick, _, _), (cmp, _, _) = seen
-    assert full == report.DEMO.spec and cmd == f"gapnet demo --out {tmp_path / 'd'}"
-    assert quick == report.DEMO.spec.replace(**report.DEMO.quick)
-    assert cmp.epochs == 7 and cmp.heads == report.DEMO.quick["heads"] and cmp.robust is None
+    assert full == compare.DEMO.spec and cmd == f"gapnet demo --out {tmp_path / 'd'}"
+    assert quick == compare.DEMO.spec.replace(**compare.DEMO.quick)
+    assert cmp.epochs == 7 and cmp.heads == compare.DEMO.quick["heads"] and cmp.robust is None
     assert (tmp_path / "q" / "report.md").is_file()
 
 

@@ -1,8 +1,7 @@
-"""Tests for gapnet.report: rendering from a results dict, the SVG chart, specs and the demo.
+"""Tests for gapnet.report: rendering from a results dict and the SVG chart.
 
 Rendering is checked on a small fake results dict (no training): the sections, the measured
-numbers, the n/a cells, a self-contained HTML page and a well-formed SVG. One tiny real
-comparison checks that `run_compare` fills the dict `write_report` renders, and `reuse`.
+numbers, the n/a cells, a self-contained HTML page and a well-formed SVG.
 """
 
 import copy
@@ -11,11 +10,11 @@ import re
 import xml.etree.ElementTree as ET
 
 import pytest
-import torch
 from PIL import Image
 
-from gapnet import models, report
-from gapnet.report import DEMO, CompareSpec, load_results, svg_line_chart, write_report
+from gapnet import report
+from gapnet.compare import CompareSpec
+from gapnet.report import load_results, svg_line_chart, write_report
 
 NA = "n/a (fixed 28x28 input)"
 
@@ -342,111 +341,9 @@ def test_load_results_round_trip_and_errors(tmp_path):
         load_results(tmp_path / "nothing")
 
 
-# (what is wrong, fields, message)
-SPEC_ERRORS = [
-    ("no heads", dict(heads=()), "at least one head"),
-    ("a head twice", dict(heads=("gap", "gap")), "names a head twice"),
-    ("zero epochs", dict(epochs=0), "epochs must be an int >= 1"),
-    ("size 0", dict(sizes=(0, 28)), "sizes must hold ints >= 1"),
-    ("eval_n 0", dict(eval_n=0), "eval_n must be an int >= 1 or None"),
-]
-
-
-@pytest.mark.parametrize(
-    "fields,message", [c[1:] for c in SPEC_ERRORS], ids=[c[0] for c in SPEC_ERRORS]
-)
-def test_compare_spec_rejects_bad_fields(fields, message):
-    with pytest.raises(ValueError, match=message):
-        CompareSpec(**fields)
-
-
-def test_compare_spec_round_trip_and_unknown_keys():
-    spec = CompareSpec(robust={"augmentation": "canvas", "canvas_size": (28, 84)})
-    assert CompareSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
-    with pytest.raises(ValueError, match="unknown keys \\['epoch'\\]"):
-        spec.replace(epoch=3)
-
-
-def test_demo_defaults_live_in_one_constant():
-    spec, quick = DEMO.spec, DEMO.spec.replace(**DEMO.quick)  # both valid specs
-    assert spec.data == "mnist-5k" and spec.robust is not None and spec.cam
-    assert quick.epochs <= spec.epochs and set(quick.heads) <= set(models.HEADS)
-    assert {"fc", "gap"} <= set(spec.heads)
-
-
-def test_size_na_names_why():
-    fc = models.create("convnet-tiny", head="fc")
-    gap = models.create("convnet-tiny", head="gap")
-    assert report.size_na(fc, 28) is None and report.size_na(fc, 56) == "fixed 28x28 input"
-    assert report.size_na(gap, 3) == "needs at least 4x4" and report.size_na(gap, 113) is None
-
-
-TINY = dict(
-    model="convnet-tiny",
-    heads=("fc", "gap"),
-    epochs=1,
-    train_size=200,
-    threads=1,
-    train_sizes=(100,),
-    sweep_steps=2,
-    sizes=(20, 28),
-    canvases=(28, 40),
-    eval_n=40,
-    cam=True,
-    cam_sizes=(40,),
-    cam_examples=1,
-    loc_n=20,
-    threshold=0.2,
-    robust={"augmentation": "canvas", "canvas_size": (28, 40)},
-    train={"augmentation": "shift", "label_smoothing": 0.1},
-    sweep_train={"augmentation": "none", "label_smoothing": 0.0},
-)
-
-
-def test_spec_rejects_a_bad_region_and_sweep_overrides_it_owns():
-    with pytest.raises(ValueError, match="region must be one of largest, all"):
-        CompareSpec(region="biggest")
-    with pytest.raises(ValueError, match="sweep_train cannot set epochs, head"):
-        CompareSpec(sweep_train={"head": "gap", "epochs": 3, "lr": 0.1})
-    assert CompareSpec(region="all", sweep_train={"lr": 0.1}).region == "all"
-
-
 def test_recipe_names_trainconfig_defaults():
-    assert report._recipe({"augmentation": "shift"}) == "random shifts of up to 2 px"
-    assert report._recipe({"augmentation": "canvas"}) == "random canvases 28-56 px"
-    assert report._recipe({"augmentation": "none", "label_smoothing": 0.0, "lr": 0.1}) == (
+    assert report.recipe({"augmentation": "shift"}) == "random shifts of up to 2 px"
+    assert report.recipe({"augmentation": "canvas"}) == "random canvases 28-56 px"
+    assert report.recipe({"augmentation": "none", "label_smoothing": 0.0, "lr": 0.1}) == (
         "no augmentation, label smoothing 0, lr=0.1"
     )
-
-
-def test_run_compare_fills_the_results_and_reuse_skips_training(tmp_path):
-    spec = CompareSpec(**TINY)
-    notes: list[str] = []
-    results = report.run_compare(spec, tmp_path, command="test", progress=False, log=notes.append)
-    assert [r["name"] for r in results["runs"]] == ["fc", "gap", "gap-robust"]
-    fc = results["runs"][0]
-    assert [c["acc"] is None for c in fc["sizes"]] == [True, False]
-    assert fc["canvases"][1]["na"] == "fixed 28x28 input"
-    assert [(s["head"], s["train_size"]) for s in results["sweep"]] == [("fc", 100), ("gap", 100)]
-    assert results["cam"]["model"] == "gap-robust" and results["cam"]["threshold"] == 0.2
-    assert [r["size"] for r in results["cam"]["rows"]] == [28, 40]
-    png = tmp_path / results["cam"]["grid"][0]["image"]
-    assert Image.open(png).size == (40, 40)
-    assert any("gap-robust" in n for n in notes)
-    # the main runs train with `train`, the sweep with `sweep_train` on top of it
-    main_cfg = json.loads((tmp_path / "gap" / "config.json").read_text())["train"]
-    sweep_cfg = json.loads((tmp_path / "sweep" / "gap-100" / "config.json").read_text())["train"]
-    assert (main_cfg["augmentation"], main_cfg["label_smoothing"]) == ("shift", 0.1)
-    assert (sweep_cfg["augmentation"], sweep_cfg["label_smoothing"]) == ("none", 0.0)
-    assert any("overfitting sweep, no augmentation, label smoothing 0" in n for n in notes)
-    md = report.to_markdown(report.report_blocks(results))
-    assert "random shifts of up to 2 px, label smoothing 0.1." in md  # TrainConfig's shift
-    assert "These runs train with no augmentation, label smoothing 0" in md
-    json.dumps(results)  # JSON-ready as it is
-
-    ckpt = tmp_path / "gap" / "checkpoint.safetensors"
-    before = ckpt.stat().st_mtime_ns
-    again = report.run_compare(spec, tmp_path, progress=False, reuse=True, log=notes.append)
-    assert ckpt.stat().st_mtime_ns == before  # kept, not retrained
-    assert again["runs"][1]["test_acc"] == results["runs"][1]["test_acc"]
-    assert torch.get_num_threads() >= 1
