@@ -16,19 +16,20 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
-import json
 import os
 import platform
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gapnet.cam import REGIONS
+from gapnet.config import Config, option
+from gapnet.models import HEADS
 from gapnet.report import CAM_DIR, RESULTS_FORMAT, recipe
 
 _SWEEP_OWNS = ("head", "train_size", "epochs", "out_dir")  # what each sweep run sets itself
@@ -42,113 +43,74 @@ TRUE_BOX_COLOR = (64, 255, 64)
 
 
 @dataclass
-class CompareSpec:
+class CompareSpec(Config):
     """One comparison: which heads, trained how, measured on what.
 
-    Args:
-        (each field is commented where it is declared)
+    Each field is one ``gapnet compare`` flag of the same name (``--train-sizes``) and one key
+    of results.json's ``spec``; its comment is the flag's help.
 
     Example:
         >>> CompareSpec(heads=("fc", "gap"), train_sizes=(250,)).heads
         ('fc', 'gap')
+        >>> CompareSpec(epochs=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: CompareSpec.epochs must be an int >= 1, got 0
     """
 
     # what is compared
-    data: str = "mnist-5k"  # gapnet.data.load spec
-    model: str = "convnet"  # backbone, gapnet.models name
-    heads: tuple[str, ...] = ("fc", "fc-dropout", "gap", "gap-fc", "gmp", "gem")
-    # how every run trains (TrainConfig fields; `train` adds any other field)
-    epochs: int = 6
-    batch_size: int = 128
-    lr: float = 3e-3
-    train_size: int | None = None  # images of the main runs; None: the whole train split
-    seed: int = 0
-    threads: int = 0  # torch threads; 0: every core this process may use
-    train: dict[str, Any] = field(default_factory=dict)  # more TrainConfig fields, all runs
-    # the robust GAP variant: TrainConfig overrides on top of the gap run's; None: not trained
-    robust: dict[str, Any] | None = None
-    robust_head: str = "gap"  # the head the robust variant is trained with
-    # overfitting where it matters: the same heads on smaller training sets
-    train_sizes: tuple[int, ...] = (250, 1000)  # () skips the sweep
-    sweep_heads: tuple[str, ...] | None = None  # heads of the sweep; None: all `heads`
-    sweep_steps: int = 150  # each sweep run takes at least this many steps (tiny sets: epochs)
-    # TrainConfig overrides of the sweep runs only, e.g. no augmentation, so the sweep measures
-    # what the head itself does against overfitting
-    sweep_train: dict[str, Any] = field(default_factory=dict)
+    data: str = option("mnist-5k", nonempty=True)  # dataset (gapnet.data.load spec)
+    model: str = option("convnet", nonempty=True)  # backbone (gapnet.models name)
+    heads: tuple[str, ...] = option(
+        ("fc", "fc-dropout", "gap", "gap-fc", "gmp", "gem"), choices=HEADS, nonempty=True
+    )  # heads to train, each on the same backbone
+    # how every run trains
+    epochs: int = option(6, low=1)  # passes over the training set
+    batch_size: int = option(128, low=1)  # images per optimizer step
+    lr: float = option(3e-3, above=0)  # peak learning rate
+    train_size: int | None = option(None, low=1)  # images of the main runs; None: all
+    seed: int = option(0, low=0)  # seed of the first run (and of the test canvases)
+    threads: int = option(0, low=0)  # torch threads; 0: every core this process may use
+    train: dict[str, Any] = option(default_factory=dict)  # more TrainConfig fields, all runs
+    # the robust variant
+    robust: dict[str, Any] | None = None  # TrainConfig overrides on top of its head's run
+    robust_head: str = option("gap", choices=HEADS)  # the head the robust variant trains with
+    # the overfitting sweep: the same heads on smaller training sets
+    train_sizes: tuple[int, ...] = option((250, 1000), low=1)  # sweep sizes; none: no sweep
+    sweep_heads: tuple[str, ...] | None = option(
+        None, choices=HEADS
+    )  # heads of the sweep; None: all
+    sweep_steps: int = option(150, low=1)  # each sweep run takes at least this many steps
+    sweep_train: dict[str, Any] = option(default_factory=dict)  # TrainConfig fields, sweep only
     # any input size
-    sizes: tuple[int, ...] = (20, 28, 36, 48, 64)  # test images rescaled to S x S
-    canvases: tuple[int, ...] = (28, 40, 56, 84, 112)  # digits placed on S x S blank canvases
-    eval_n: int | None = 500  # test images per size / canvas (stratified); None: all
+    sizes: tuple[int, ...] = option((20, 28, 36, 48, 64), low=1)  # test images rescaled to S x S
+    canvases: tuple[int, ...] = option(
+        (28, 40, 56, 84, 112), low=1
+    )  # digits on blank S x S canvases
+    eval_n: int | None = option(500, low=1)  # test images per size and canvas; None: all
     # localization for free
-    cam: bool = True  # the CAM section: overlay grid, localization table on `canvases`
-    cam_sizes: tuple[int, ...] = (56, 84, 112)  # canvas sizes of the overlay grid
-    cam_examples: int = 3  # overlays per grid size
-    loc_n: int | None = 300  # canvases per localization size; None: the whole test split
-    distractors: int = 0  # stroke-like clutter per localization canvas
-    threshold: float | None = None  # CAM box threshold; None: chosen on the validation split
-    region: str | None = None  # CAM box region rule (cam.REGIONS); None: chosen with threshold
-    # on the validation split, or "largest" (the CAM paper's rule) when threshold is given
+    cam: bool = True  # the CAM section: overlay grid, localization table on the canvases
+    cam_sizes: tuple[int, ...] = option((56, 84, 112), low=1)  # canvas sizes of the overlay grid
+    cam_examples: int = option(3, low=1)  # overlays per grid size
+    loc_n: int | None = option(300, low=1)  # canvases per localization size; None: all
+    distractors: int = option(0, low=0)  # stroke-like clutter per localization canvas
+    threshold: float | None = option(None, low=0, high=1)  # CAM box threshold; None: chosen
+    region: str | None = option(None, choices=REGIONS)  # CAM box region: largest, all; None: chosen
 
-    def __post_init__(self) -> None:
-        for name in ("heads", "train_sizes", "sizes", "canvases", "cam_sizes"):
-            setattr(self, name, tuple(getattr(self, name)))
-        if self.sweep_heads is not None:
-            self.sweep_heads = tuple(self.sweep_heads)
-        if self.robust is not None:
-            self.robust = json.loads(json.dumps(self.robust))  # tuples -> lists, as JSON gives
-        self.sweep_train = json.loads(json.dumps(self.sweep_train))
-        if not self.heads:
-            raise ValueError("CompareSpec.heads must name at least one head, got ()")
+    def validate(self) -> None:
         if len(set(self.heads)) != len(self.heads):
-            raise ValueError(f"CompareSpec.heads names a head twice: {','.join(self.heads)}")
-        for name in ("epochs", "batch_size", "sweep_steps", "cam_examples"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(
-                    f"CompareSpec.{name} must be an int >= 1, got {getattr(self, name)!r}"
-                )
-        for name in ("train_sizes", "sizes", "canvases", "cam_sizes"):
-            bad = [v for v in getattr(self, name) if not isinstance(v, int) or v < 1]
-            if bad:
-                raise ValueError(f"CompareSpec.{name} must hold ints >= 1, got {bad[0]!r}")
-        for name in ("train_size", "eval_n", "loc_n"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ValueError(f"CompareSpec.{name} must be an int >= 1 or None, got {v!r}")
+            self.fail("heads", "names a head twice")
         owned = sorted(set(self.sweep_train) & set(_SWEEP_OWNS))
         if owned:
             raise ValueError(
                 f"CompareSpec.sweep_train cannot set {', '.join(owned)}: each sweep run sets "
                 "them itself (use train_sizes, sweep_heads, sweep_steps)"
             )
-        from gapnet.cam import REGIONS
-
-        if self.region is not None and self.region not in REGIONS:
-            raise ValueError(
-                f"CompareSpec.region must be one of {', '.join(REGIONS)} or None, "
-                f"got {self.region!r}"
-            )
 
     @property
     def sweep(self) -> tuple[str, ...]:
         """The heads of the training-set-size sweep."""
         return self.heads if self.sweep_heads is None else self.sweep_heads
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))  # type: ignore[no-any-return]
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CompareSpec:
-        """The spec from `to_dict`'s output; unknown keys fail, naming themselves."""
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in d if k not in known]
-        if unknown:
-            raise ValueError(f"CompareSpec: unknown keys {unknown}; known keys: {', '.join(known)}")
-        return cls(**d)
-
-    def replace(self, **changes: Any) -> CompareSpec:
-        """A copy with some fields changed (unknown names fail, naming themselves)."""
-        return CompareSpec.from_dict({**self.to_dict(), **changes})
 
 
 @dataclass(frozen=True)

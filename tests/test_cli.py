@@ -5,6 +5,7 @@ plumbing (exit codes, messages, files written, outputs that parse), not accuracy
 in-process through `main(argv)`; one test runs ``python -m gapnet`` as a user would.
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from PIL import Image
 
 from gapnet import compare, data, models, report
 from gapnet.cli import main
+from gapnet.config import option
 
 COMMANDS = ("train", "eval", "predict", "compare", "demo", "report", "info", "cam", "localize")
 TINY_TRAIN = ["--data", "mnist-5k", "--model", "convnet-tiny", "--epochs", "1",
@@ -84,7 +86,7 @@ USAGE_ERRORS = [
     ("unknown head", ["train", "--head", "mlp"], "--head"),
     ("bad canvas range", ["train", "--canvas", "56,28"], "canvas_size must be (min, max)"),
     ("unknown model", ["info", "resnet"], "MODEL"),
-    ("unknown head in a list", ["compare", "--heads", "fc,mlp"], "unknown head 'mlp'"),
+    ("unknown head in a list", ["compare", "--heads", "fc,mlp"], "--heads: must be one of 'fc'"),
     ("bad size list", ["compare", "--sizes", "20,big"], "--sizes"),
     ("missing checkpoint", ["eval", "--checkpoint", "no/such/run"], "no/such/run"),
     ("missing results", ["report", "no/such/run"], "no results.json"),
@@ -298,3 +300,57 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     code, _, _ = run(capsys, "demo", "--quick", "--out", tmp_path, "--quiet")
     assert code == 0 and (tmp_path / "report.html").is_file()
     assert "## Localization" in (tmp_path / "report.md").read_text()
+
+
+def _compare_spec(monkeypatch, *argv):
+    """The CompareSpec `gapnet compare argv...` would run (nothing trains)."""
+    seen = []
+    monkeypatch.setattr(compare, "run_compare", lambda spec, out, **kw: seen.append(spec) or {})
+    monkeypatch.setattr(report, "write_report", lambda results, out: {})
+    monkeypatch.setattr(report, "summary_text", lambda results: "")
+    assert main(["compare", *map(str, argv)]) == 0
+    return seen[0]
+
+
+# (the command's flags, the CompareSpec fields they give: documented spellings keep working)
+COMPARE_FLAG_CASES = [
+    (["--heads", "fc,gap", "--epochs", "4", "--train-sizes", "250,1000"],
+     dict(heads=("fc", "gap"), epochs=4, train_sizes=(250, 1000))),
+    (["--quick", "--robust", "--out", "runs/quick"],  # the demo's quick settings and robust run
+     dict(compare.DEMO.quick, robust=compare.DEMO.spec.robust,
+          robust_head=compare.DEMO.spec.robust_head)),
+    (["--robust", "--robust-head", "gap"],  # a head given wins over the demo's
+     dict(robust=compare.DEMO.spec.robust, robust_head="gap")),
+    (["--train-sizes", "none", "--eval-n", "none"], dict(train_sizes=(), eval_n=None)),
+    (["--no-cam", "--threshold", "0.3", "--region", "all"],
+     dict(cam=False, threshold=0.3, region="all")),
+    (["--sweep-train", '{"augmentation": "none"}'], dict(sweep_train={"augmentation": "none"})),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("argv,fields", COMPARE_FLAG_CASES, ids=lambda c: str(c)[:40])
+def test_compare_flags_set_the_spec_fields_of_the_same_name(monkeypatch, argv, fields):
+    assert _compare_spec(monkeypatch, *argv) == compare.CompareSpec(**fields)
+
+
+def test_compare_flags_check_values_by_the_spec_rules(capsys):
+    code, _, err = run(capsys, "compare", "--heads", "fc,fcc")
+    assert code == 2 and "--heads" in err and "'fcc'" in err
+    code, _, err = run(capsys, "compare", "--epochs", "0")
+    assert code == 2 and "--epochs" in err and "must be an int >= 1" in err
+
+
+def test_a_new_compare_spec_field_gets_its_flag_with_no_cli_change(monkeypatch, capsys):
+    @dataclasses.dataclass
+    class Wider(compare.CompareSpec):
+        widgets: int = option(3, low=1)  # widgets per report (a field only this test has)
+
+    monkeypatch.setattr(compare, "CompareSpec", Wider)
+    spec = _compare_spec(monkeypatch, "--widgets", "5", "--epochs", "2")
+    assert isinstance(spec, Wider) and (spec.widgets, spec.epochs) == (5, 2)
+    code, out, _ = run(capsys, "compare", "--help")
+    help_text = " ".join(out.split())  # argparse wraps the help
+    assert (
+        code == 0
+        and "--widgets N widgets per report (a field only this test has) (default 3)" in help_text
+    )

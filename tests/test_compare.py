@@ -13,13 +13,18 @@ from PIL import Image
 from gapnet import compare, models, report
 from gapnet.compare import DEMO, CompareSpec
 
-# (what is wrong, fields, message)
+# (what is wrong, fields, message: each names the field and the value it got)
 SPEC_ERRORS = [
-    ("no heads", dict(heads=()), "at least one head"),
-    ("a head twice", dict(heads=("gap", "gap")), "names a head twice"),
-    ("zero epochs", dict(epochs=0), "epochs must be an int >= 1"),
-    ("size 0", dict(sizes=(0, 28)), "sizes must hold ints >= 1"),
-    ("eval_n 0", dict(eval_n=0), "eval_n must be an int >= 1 or None"),
+    ("no heads", dict(heads=()), r"CompareSpec.heads must not be empty, got \(\)"),
+    ("a head twice", dict(heads=("gap", "gap")), "CompareSpec.heads names a head twice"),
+    ("an unknown head", dict(heads=("gap", "fcc")), "CompareSpec.heads must be one of .*'fcc'"),
+    ("zero epochs", dict(epochs=0), "CompareSpec.epochs must be an int >= 1, got 0"),
+    ("size 0", dict(sizes=(0, 28)), r"CompareSpec.sizes must be ints >= 1, got \(0, 28\)"),
+    ("eval_n 0", dict(eval_n=0), "CompareSpec.eval_n must be an int >= 1, got 0"),
+    ("lr 0", dict(lr=0), "CompareSpec.lr must be > 0"),
+    ("threshold 2", dict(threshold=2.0), r"CompareSpec.threshold must be in \[0, 1\], got 2.0"),
+    ("a string for sizes", dict(sizes="28"), "CompareSpec.sizes must be a sequence"),
+    ("robust not a dict", dict(robust=3), "CompareSpec.robust must be a dict"),
 ]
 
 
@@ -34,7 +39,9 @@ def test_compare_spec_rejects_bad_fields(fields, message):
 def test_compare_spec_round_trip_and_unknown_keys():
     spec = CompareSpec(robust={"augmentation": "canvas", "canvas_size": (28, 84)})
     assert CompareSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
-    with pytest.raises(ValueError, match="unknown keys \\['epoch'\\]"):
+    assert spec.robust == {"augmentation": "canvas", "canvas_size": [28, 84]}  # as JSON gives
+    assert CompareSpec.from_dict({"sizes": [20, 28]}).sizes == (20, 28)  # lists back to tuples
+    with pytest.raises(ValueError, match="CompareSpec: unknown key 'epoch'"):
         spec.replace(epoch=3)
 
 
@@ -75,7 +82,9 @@ TINY = dict(
 
 
 def test_spec_rejects_a_bad_region_and_sweep_overrides_it_owns():
-    with pytest.raises(ValueError, match="region must be one of largest, all"):
+    with pytest.raises(
+        ValueError, match=r"CompareSpec\.region must be one of 'largest', 'all', got 'biggest'"
+    ):
         CompareSpec(region="biggest")
     with pytest.raises(ValueError, match="sweep_train cannot set epochs, head"):
         CompareSpec(sweep_train={"head": "gap", "epochs": 3, "lr": 0.1})
