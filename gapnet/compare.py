@@ -230,27 +230,6 @@ def _git_revision() -> str | None:
     return out.stdout.strip() or None
 
 
-def size_na(model: Any, size: int) -> str | None:
-    """Why `model` cannot take a size x size input ("fixed 28x28 input", ...), or None if it can.
-
-    Example:
-        >>> from gapnet import models
-        >>> size_na(models.create("convnet-tiny", head="fc"), 36)
-        'fixed 28x28 input'
-        >>> size_na(models.create("convnet-tiny", head="gap"), 36) is None
-        True
-    """
-    from gapnet import models
-
-    config = model.config
-    if config.head in models.FC_HEADS and size != config.input_size:
-        return f"fixed {config.input_size}x{config.input_size} input"
-    low = model.backbone.min_input_size
-    if size < low:
-        return f"needs at least {low}x{low}"
-    return None
-
-
 def accuracy_table(
     model: Any,
     sets: Sequence[tuple[int, Any]],
@@ -259,6 +238,11 @@ def accuracy_table(
 ) -> list[dict[str, Any]]:
     """Test accuracy of `model` on (size, ImageSet) pairs; n/a where the model cannot run.
 
+    Args:
+        model: a classifier that answers ``size_problem(h, w)`` (GapNet, export.OnnxModel).
+        sets: (size, ImageSet) pairs, the images at that size.
+        batch_size: images per forward pass.
+
     Returns:
         one ``{"size": S, "acc": float or None, "na": reason or None}`` per pair.
     """
@@ -266,7 +250,7 @@ def accuracy_table(
 
     rows = []
     for size, imageset in sets:
-        na = size_na(model, size)
+        na = model.size_problem(size, size)  # the model's own rule (fc: one size)
         acc = None
         if na is None:
             acc, _ = evaluate(model, imageset.images, imageset.labels, batch_size=batch_size)
@@ -414,6 +398,8 @@ def run_compare(
             result = _train(cfg, progress, reuse)
             entry = _run_entry(name, result, out, robust)
             entry["train_images"] = n_train
+            entry["input_size"] = result.model.input_size  # the one size it takes, or None
+            entry["has_cam"] = result.model.has_cam
             entry["sizes"] = accuracy_table(result.model, rescaled)
             entry["canvases"] = accuracy_table(result.model, canvases)
             runs.append(entry)
@@ -472,18 +458,13 @@ def _model_label(spec: CompareSpec) -> str:
 
 
 def _cam_model(runs: list[dict[str, Any]]) -> str | None:
-    """The run the CAM section shows: the robust variant, else plain gap, else a CAM-capable
-    head."""
-    from gapnet import models
-
-    by_name = {r["name"]: r for r in runs}
-    for r in runs:
-        if r["robust"] and r["head"] not in models.FC_HEADS:
-            return str(r["name"])
-    for name in ("gap", "gap-fc"):
-        if name in by_name:
-            return name
-    return next((r["name"] for r in runs if r["head"] not in models.FC_HEADS), None)
+    """The run the CAM section shows: the robust variant, else plain gap, else the first head
+    with class activation maps (None if no head has them)."""
+    with_cam = [r for r in runs if r["has_cam"]]
+    robust = [r for r in with_cam if r["robust"]]
+    plain_gap = [r for r in with_cam if r["name"] == "gap"]
+    chosen = robust or plain_gap or with_cam
+    return str(chosen[0]["name"]) if chosen else None
 
 
 def _cam_section(
@@ -500,7 +481,7 @@ def _cam_section(
 
     name = _cam_model(runs)
     if name is None:
-        say("CAM section skipped: every head is fully connected (no class activation maps)")
+        say("CAM section skipped: no head gives class activation maps")
         return None
     model = models_by_name[name]
     if spec.threshold is None:

@@ -260,25 +260,32 @@ def _heads_blocks(results: dict[str, Any]) -> list[Block]:
     return blocks
 
 
+def _fc_and_gap(results: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The two runs the findings weigh against each other: the first plain run whose model takes
+    one input size only (a fully connected head, by its own ``input_size``) and plain gap."""
+    plain = [r for r in results.get("runs", []) if not r["robust"]]
+    fixed = next((r for r in plain if r.get("input_size") is not None), None)
+    return fixed, next((r for r in plain if r["name"] == "gap"), None)
+
+
 def _heads_finding(results: dict[str, Any]) -> str:
     runs = results.get("runs", [])
-    by = _by_name(results)
     plain = [r for r in runs if not r["robust"]]
     parts = []
-    fc, gap = by.get("fc"), by.get("gap")
+    fc, gap = _fc_and_gap(results)
     if fc is not None and gap is not None:
         gh, fh = gap["params"].get("head", 0), fc["params"].get("head", 0)
         k = results.get("data", {}).get("num_classes", "K")
         parts.append(
             f"Global average pooling replaces the fully connected classifier: the gap head holds "
             f"{_int(gh)} parameters (a 1x1 convolution to the {k} class maps; the pooling itself "
-            f"has none) against {_int(fh)} for fc, {_times(fh, gh)} fewer, and the whole network "
-            f"is {_times(fc['params']['total'], gap['params']['total'])} smaller "
+            f"has none) against {_int(fh)} for {fc['name']}, {_times(fh, gh)} fewer, and the "
+            f"whole network is {_times(fc['params']['total'], gap['params']['total'])} smaller "
             f"({_int(gap['params']['total'])} vs {_int(fc['params']['total'])} parameters)."
         )
         more = "smaller" if _gap(gap) < _gap(fc) else "larger" if _gap(gap) > _gap(fc) else "equal"
         parts.append(
-            f"Its train−test gap is {_pts(_gap(gap))} points vs {_pts(_gap(fc))} for fc "
+            f"Its train−test gap is {_pts(_gap(gap))} points vs {_pts(_gap(fc))} for {fc['name']} "
             f"({more}); test accuracy {pct(gap['test_acc'])} vs {pct(fc['test_acc'])}."
         )
     if len(plain) > 1:
@@ -418,10 +425,14 @@ def _sweep_finding(
             f"train−test gaps are {gaps} points; the best test accuracy is {best['head']}'s "
             f"({pct(best['test_acc'])})."
         )
-    if "fc" in heads and "gap" in heads:
-        both = [n for n in sizes if ("fc", n) in cell and ("gap", n) in cell]
-        less = [n for n in both if _gap(cell[("gap", n)]) < _gap(cell[("fc", n)])]
-        parts.append(f"gap overfits less than fc at {len(less)} of {len(both)} training-set sizes.")
+    fc, gap = _fc_and_gap(results)
+    if fc is not None and gap is not None and {fc["head"], gap["head"]} <= set(heads):
+        f, g = fc["head"], gap["head"]
+        both = [n for n in sizes if (f, n) in cell and (g, n) in cell]
+        less = [n for n in both if _gap(cell[(g, n)]) < _gap(cell[(f, n)])]
+        parts.append(
+            f"{g} overfits less than {f} at {len(less)} of {len(both)} training-set sizes."
+        )
     return " ".join(parts)
 
 

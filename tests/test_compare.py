@@ -52,13 +52,6 @@ def test_demo_defaults_live_in_one_constant():
     assert {"fc", "gap"} <= set(spec.heads)
 
 
-def test_size_na_names_why():
-    fc = models.create("convnet-tiny", head="fc")
-    gap = models.create("convnet-tiny", head="gap")
-    assert compare.size_na(fc, 28) is None and compare.size_na(fc, 56) == "fixed 28x28 input"
-    assert compare.size_na(gap, 3) == "needs at least 4x4" and compare.size_na(gap, 113) is None
-
-
 TINY = dict(
     model="convnet-tiny",
     heads=("fc", "gap"),

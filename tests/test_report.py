@@ -41,6 +41,8 @@ def _run(name, head, params, train_acc, test_acc, seconds, history, sizes, canva
         "recipe": "random canvases 28-56 px" if robust else "",
         "params": params,
         "train_images": 4000,
+        "input_size": 28 if head == "fc" else None,  # an fc head takes one size
+        "has_cam": head != "fc",
         "train_acc": train_acc,
         "test_acc": test_acc,
         "train_loss": 0.05,
