@@ -30,7 +30,7 @@ from typing import Any
 from gapnet.cam import REGIONS
 from gapnet.config import Config, option
 from gapnet.models import HEADS
-from gapnet.report import CAM_DIR, RESULTS_FORMAT, recipe
+from gapnet.report import CAM_DIR, RESULTS_FORMAT, interval, pooled, recipe
 
 _SWEEP_OWNS = ("head", "train_size", "epochs", "out_dir")  # what each sweep run sets itself
 
@@ -70,6 +70,7 @@ class CompareSpec(Config):
     lr: float = option(3e-3, above=0)  # peak learning rate
     train_size: int | None = option(None, low=1)  # images of the main runs; None: all
     seed: int = option(0, low=0)  # seed of the first run (and of the test canvases)
+    seeds: int = option(1, low=1)  # main heads and sweep train once per seed: seed, seed+1, ..
     threads: int = option(0, low=0)  # torch threads; 0: every core this process may use
     train: dict[str, Any] = option(default_factory=dict)  # more TrainConfig fields, all runs
     # the robust variant
@@ -244,17 +245,19 @@ def accuracy_table(
         batch_size: images per forward pass.
 
     Returns:
-        one ``{"size": S, "acc": float or None, "na": reason or None}`` per pair.
+        one ``{"size": S, "acc": float or None, "acc_ci": interval or None, "na": reason or
+        None}`` per pair (`gapnet.report.interval`: correct, n and the Wilson bounds).
     """
     from gapnet.train import evaluate
 
     rows = []
     for size, imageset in sets:
         na = model.size_problem(size, size)  # the model's own rule (fc: one size)
-        acc = None
+        acc, ci = None, None
         if na is None:
             acc, _ = evaluate(model, imageset.images, imageset.labels, batch_size=batch_size)
-        rows.append({"size": size, "acc": acc, "na": na})
+            ci = interval(round(acc * len(imageset)), len(imageset))
+        rows.append({"size": size, "acc": acc, "acc_ci": ci, "na": na})
     return rows
 
 
@@ -342,6 +345,40 @@ def _run_entry(
     }
 
 
+def _seed_folder(spec: CompareSpec, name: str, seed: int) -> str:
+    """The run folder of `name` trained with `seed`: ``name`` alone, ``name/seed<k>`` when the
+    comparison trains several seeds."""
+    return name if spec.seeds == 1 else f"{name}/seed{seed}"
+
+
+def _seed_record(result: Any, seed: int, n_train: int, n_test: int) -> dict[str, Any]:
+    """What results.json keeps of one seed's run: accuracies with their counts and intervals."""
+    train_ok, test_ok = round(result.train_acc * n_train), round(result.test_acc * n_test)
+    return {
+        "seed": seed,
+        "train_acc": result.train_acc,
+        "test_acc": result.test_acc,
+        "train_acc_ci": interval(train_ok, n_train),
+        "test_acc_ci": interval(test_ok, n_test),
+        "train_seconds": result.train_seconds,
+    }
+
+
+def _pooled_fields(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The accuracies of a head over its seeds: counts pooled (so one seed gives its own
+    numbers), the mean training time, and every seed's record under "seeds"."""
+    train_ci = pooled([r["train_acc_ci"] for r in records])
+    test_ci = pooled([r["test_acc_ci"] for r in records])
+    return {
+        "train_acc": train_ci["correct"] / train_ci["n"],
+        "test_acc": test_ci["correct"] / test_ci["n"],
+        "train_acc_ci": train_ci,
+        "test_acc_ci": test_ci,
+        "train_seconds": sum(r["train_seconds"] for r in records) / len(records),
+        "seeds": records,
+    }
+
+
 def run_compare(
     spec: CompareSpec,
     out_dir: str | os.PathLike[str],
@@ -388,39 +425,51 @@ def run_compare(
             robust_name = f"{spec.robust_head}-robust"
             variants.append((robust_name, {"head": spec.robust_head, **spec.robust}, spec.robust))
         sweep_runs = [(n, h) for n in spec.train_sizes for h in spec.sweep]
-        total = len(variants) + len(sweep_runs)
+        seeds = [spec.seed + k for k in range(spec.seeds)]
+        total = (len(spec.heads) + len(sweep_runs)) * len(seeds) + (spec.robust is not None)
         rescaled, canvases = _eval_sets(spec, ds)
-        runs, models = [], {}
-        for i, (name, changes, robust) in enumerate(variants, 1):
-            cfg = _train_config(spec, out, name, **changes)
-            say(f"[{i}/{total}] {name}: {spec.model} on {n_train} {spec.data} images, "
-                f"{cfg.epochs} epochs" + (f" ({recipe(robust)})" if robust else ""))  # fmt: skip
-            result = _train(cfg, progress, reuse)
-            entry = _run_entry(name, result, out, robust)
+        runs, models, done = [], {}, 0
+        for name, changes, robust in variants:
+            records, first = [], None
+            for seed in seeds[:1] if robust else seeds:  # the robust variant: one seed
+                done += 1
+                cfg = _train_config(spec, out, _seed_folder(spec, name, seed), seed=seed, **changes)
+                say(f"[{done}/{total}] {name}: {spec.model} on {n_train} {spec.data} images, "
+                    f"{cfg.epochs} epochs, seed {seed}"
+                    + (f" ({recipe(robust)})" if robust else ""))  # fmt: skip
+                result = _train(cfg, progress, reuse)
+                records.append(_seed_record(result, seed, n_train, len(ds.test)))
+                first = first or result
+            assert first is not None  # every variant trains at least one seed
+            entry = _run_entry(name, first, out, robust) | _pooled_fields(records)
             entry["train_images"] = n_train
-            entry["input_size"] = result.model.input_size  # the one size it takes, or None
-            entry["has_cam"] = result.model.has_cam
-            entry["sizes"] = accuracy_table(result.model, rescaled)
-            entry["canvases"] = accuracy_table(result.model, canvases)
+            entry["input_size"] = first.model.input_size  # the one size it takes, or None
+            entry["has_cam"] = first.model.has_cam
+            # measured on the first seed's model: the sizes are about the head, not the seed
+            entry["sizes"] = accuracy_table(first.model, rescaled)
+            entry["canvases"] = accuracy_table(first.model, canvases)
             runs.append(entry)
-            models[name] = result.model
+            models[name] = first.model
         sweep = []
-        for i, (n, head) in enumerate(sweep_runs, len(variants) + 1):
+        for n, head in sweep_runs:
             steps = -(-n // spec.batch_size)
             epochs = max(spec.epochs, -(-spec.sweep_steps // steps))
-            name = f"sweep/{head}-{n}"
-            cfg = _train_config(
-                spec, out, name, **spec.sweep_train, head=head, train_size=n, epochs=epochs
+            records = []
+            for seed in seeds:
+                done += 1
+                folder = _seed_folder(spec, f"sweep/{head}-{n}", seed)
+                cfg = _train_config(
+                    spec, out, folder, **spec.sweep_train, head=head, train_size=n,
+                    epochs=epochs, seed=seed,
+                )  # fmt: skip
+                sweep_recipe = f", {recipe(spec.sweep_train)}" if spec.sweep_train else ""
+                say(f"[{done}/{total}] {head} on {n} images, {epochs} epochs, seed {seed} "
+                    f"(overfitting sweep{sweep_recipe})")  # fmt: skip
+                result = _train(cfg, progress, reuse)
+                records.append(_seed_record(result, seed, n, len(ds.test)))
+            sweep.append(
+                {"head": head, "train_size": n, "epochs": epochs} | _pooled_fields(records)
             )
-            sweep_recipe = f", {recipe(spec.sweep_train)}" if spec.sweep_train else ""
-            say(f"[{i}/{total}] {head} on {n} images, {epochs} epochs "
-                f"(overfitting sweep{sweep_recipe})")  # fmt: skip
-            result = _train(cfg, progress, reuse)
-            sweep.append({
-                "head": head, "train_size": n, "epochs": epochs,
-                "train_acc": result.train_acc, "test_acc": result.test_acc,
-                "train_seconds": result.train_seconds,
-            })  # fmt: skip
         cam_section = None
         if spec.cam:
             cam_section = _cam_section(spec, out, runs, models, say)
@@ -548,4 +597,7 @@ def localization_row(row: dict[str, Any]) -> dict[str, Any]:
     for key in ("n", "acc", "loc_acc", "top1_loc", "mean_iou"):
         value = row.get(key)
         out[key] = None if value is None else int(value) if key == "n" else float(value)
+    for key in ("acc", "loc_acc", "top1_loc"):  # fractions of the n canvases
+        ok = out["n"] and out[key] is not None
+        out[f"{key}_ci"] = interval(round(out[key] * out["n"]), out["n"]) if ok else None
     return out

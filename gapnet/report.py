@@ -155,11 +155,77 @@ def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     return results
 
 
+# --------------------------------------------------------------------------- intervals
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion: k successes in n trials (z=1.96: 95 %).
+
+    It stays inside [0, 1] and is honest at 0 and n successes, where the normal approximation
+    gives a zero-width interval; that is why the report uses it for accuracies near 100 %.
+
+    Args:
+        k: successes (correctly classified images), 0 <= k <= n.
+        n: trials (images), >= 1.
+        z: the normal quantile of the confidence level.
+
+    Example:
+        >>> [round(v, 4) for v in wilson(98, 100)]
+        [0.93, 0.9945]
+        >>> wilson(0, 100)[0], wilson(100, 100)[1]
+        (0.0, 1.0)
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"wilson: n must be an int >= 1, got {n!r}")
+    if not isinstance(k, int) or not 0 <= k <= n:
+        raise ValueError(f"wilson: k must be an int in [0, n={n}], got {k!r}")
+    p = k / n
+    scale = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / scale
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / scale
+    # at k = 0 and k = n the bound is exactly 0 or 1; rounding would leave 0.9999999999999999
+    return (0.0 if k == 0 else center - half), (1.0 if k == n else center + half)
+
+
+def interval(correct: int, n: int) -> dict[str, Any]:
+    """The results.json record of an accuracy: counts and their 95 % Wilson interval.
+
+    Example:
+        >>> interval(98, 100)["correct"], round(interval(98, 100)["hi"], 4)
+        (98, 0.9945)
+    """
+    lo, hi = wilson(correct, n)
+    return {"correct": correct, "n": n, "lo": lo, "hi": hi}
+
+
+def pooled(intervals: list[dict[str, Any]]) -> dict[str, Any]:
+    """One interval over several (seeds' test sets): counts summed, then Wilson."""
+    return interval(sum(i["correct"] for i in intervals), sum(i["n"] for i in intervals))
+
+
+def overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two intervals share a point: then their difference is within the noise."""
+    return bool(a["lo"] <= b["hi"] and b["lo"] <= a["hi"])
+
+
 # --------------------------------------------------------------------------- formatting
 
 
 def pct(x: float | None) -> str:
+    """A fraction as a percentage: "98.8%" ("n/a" for None)."""
     return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def acc_text(acc: float | None, ci: dict[str, Any] | None) -> str:
+    """An accuracy with its interval, when it has one: "98.8 % (98.0–99.3)".
+
+    Example:
+        >>> acc_text(0.98, interval(98, 100)), acc_text(0.5, None)
+        ('98.0 % (93.0–99.4)', '50.0%')
+    """
+    if acc is None or ci is None:
+        return pct(acc)
+    return f"{100 * acc:.1f} % ({100 * ci['lo']:.1f}–{100 * ci['hi']:.1f})"
 
 
 def _pts(x: float) -> str:
@@ -181,8 +247,55 @@ def _times(a: float, b: float) -> str:
     return f"{r:,.0f}x" if r >= 10 else f"{r:.1f}x"
 
 
-def _cell(row: dict[str, Any]) -> str:
-    return f"n/a ({row['na']})" if row["acc"] is None else pct(row["acc"])
+def _cell(row: dict[str, Any], key: str = "acc") -> str:
+    """A size cell: the accuracy with its interval, or why it cannot exist."""
+    if row.get(key) is None and row.get("na"):
+        return f"n/a ({row['na']})"
+    return acc_text(row.get(key), row.get(f"{key}_ci"))
+
+
+def _spread(values: list[float], fmt: Any) -> str:
+    """Mean and range over seeds: "98.1 (97.9–98.4)"."""
+    return f"{fmt(sum(values) / len(values))} ({fmt(min(values))}–{fmt(max(values))})"
+
+
+def _seed_cells(entry: dict[str, Any]) -> list[str]:
+    """The spread columns of a head or sweep entry: test accuracy and train−test gap over its
+    seeds, each as mean (min–max)."""
+    records = entry.get("seeds") or [entry]
+    tests = [100 * r["test_acc"] for r in records]
+    gaps = [100 * _gap(r) for r in records]
+    return [_spread(tests, lambda v: f"{v:.1f}"), _spread(gaps, lambda v: f"{v:+.1f}")]
+
+
+def _n_seeds(results: dict[str, Any]) -> int:
+    """The most seeds any head or sweep size trained (1 in a one-seed comparison)."""
+    entries = [*results.get("runs", []), *(results.get("sweep") or [])]
+    return max((len(e.get("seeds") or [e]) for e in entries), default=1)
+
+
+def _ties(best: dict[str, Any], rivals: list[tuple[str, dict[str, Any]]], key: str) -> str:
+    """ "; within the noise of a, b": the rivals (name, measurement) whose interval of `key`
+    overlaps the best one's ("" when none does, or the intervals were not measured)."""
+    ci = best.get(f"{key}_ci")
+    close = [
+        name for name, r in rivals
+        if r is not best and ci and r.get(f"{key}_ci") and overlap(ci, r[f"{key}_ci"])
+    ]  # fmt: skip
+    return f"; within the noise of {', '.join(close)}" if close else ""
+
+
+def _versus(a: dict[str, Any], a_name: str, b: dict[str, Any], b_name: str, key: str) -> str:
+    """One sentence weighing two measured accuracies by their intervals (they must have them):
+    overlapping intervals are within the noise."""
+    a_ci, b_ci = a.get(f"{key}_ci"), b.get(f"{key}_ci")
+    if a_ci is None or b_ci is None:
+        return ""
+    both = f"{a_name} {acc_text(a[key], a_ci)} vs {b_name} {acc_text(b[key], b_ci)}"
+    if overlap(a_ci, b_ci):
+        return f"{both}: the 95 % intervals overlap, so the difference is within the noise."
+    higher = a_name if a[key] > b[key] else b_name
+    return f"{both}: {higher} is higher and the 95 % intervals do not overlap."
 
 
 def _gap(run: dict[str, Any]) -> float:
@@ -236,17 +349,22 @@ def _heads_blocks(results: dict[str, Any]) -> list[Block]:
     runs = results.get("runs", [])
     if not runs:
         return []
+    seeds = _n_seeds(results)
+    over = f"over {seeds} seeds" if seeds > 1 else ""
     header = ["head", "params (total)", "params (head)", "train acc", "test acc",
               "train−test gap (points)", "train time"]  # fmt: skip
+    if seeds > 1:
+        header += [f"test acc {over}: mean (min–max)", f"train−test gap {over}: mean (min–max)"]
     rows = [
         [
             r["name"],
             _int(r["params"]["total"]),
             _int(r["params"].get("head", 0)),
-            pct(r["train_acc"]),
-            pct(r["test_acc"]),
+            _cell(r, "train_acc"),
+            _cell(r, "test_acc"),
             _pts(_gap(r)),
             f"{r['train_seconds']:.1f} s",
+            *(_seed_cells(r) if seeds > 1 else []),
         ]
         for r in runs
     ]
@@ -286,14 +404,17 @@ def _heads_finding(results: dict[str, Any]) -> str:
         more = "smaller" if _gap(gap) < _gap(fc) else "larger" if _gap(gap) > _gap(fc) else "equal"
         parts.append(
             f"Its train−test gap is {_pts(_gap(gap))} points vs {_pts(_gap(fc))} for {fc['name']} "
-            f"({more}); test accuracy {pct(gap['test_acc'])} vs {pct(fc['test_acc'])}."
-        )
+            f"({more}). Test accuracy: "
+            + (_versus(gap, "gap", fc, fc["name"], "test_acc")
+               or f"{pct(gap['test_acc'])} vs {pct(fc['test_acc'])}.")
+        )  # fmt: skip
     if len(plain) > 1:
         best = max(plain, key=lambda r: r["test_acc"])
         least = min(plain, key=_gap)
         most = max(plain, key=_gap)
         parts.append(
-            f"Best test accuracy: {best['name']} ({pct(best['test_acc'])}). Smallest "
+            f"Best test accuracy: {best['name']} ({pct(best['test_acc'])}"
+            f"{_ties(best, [(r['name'], r) for r in plain], 'test_acc')}). Smallest "
             f"train−test gap: {least['name']} ({_pts(_gap(least))} points); largest: "
             f"{most['name']} ({_pts(_gap(most))})."
         )
@@ -358,8 +479,9 @@ def _sizes_finding(results: dict[str, Any]) -> str:
     if measured:
         big = measured[0]["canvases"][-1]["size"]
         best = max(measured, key=lambda r: r["canvases"][-1]["acc"])
+        tie = _ties(best["canvases"][-1], [(r["name"], r["canvases"][-1]) for r in measured], "acc")
         parts.append(
-            f"Best on {big}x{big} canvases: {best['name']} ({pct(best['canvases'][-1]['acc'])})."
+            f"Best on {big}x{big} canvases: {best['name']} ({_cell(best['canvases'][-1])}{tie})."
         )
     pairs = [
         (r, next((p for p in runs if p["name"] == r["head"]), None)) for r in runs if r["robust"]
@@ -375,6 +497,10 @@ def _sizes_finding(results: dict[str, Any]) -> str:
             f"{robust['name']} ({robust['recipe']}) {_cell(rc)}; averaged over all canvas sizes "
             f"{pct(_mean_acc(plain['canvases']))} vs {pct(_mean_acc(robust['canvases']))}."
         )
+        if pc["acc"] is not None and rc["acc"] is not None:
+            parts.append(
+                f"At {big}x{big}: " + _versus(rc, robust["name"], pc, plain["name"], "acc")
+            )
     return " ".join(parts)
 
 
@@ -385,17 +511,18 @@ def _sweep_blocks(results: dict[str, Any]) -> list[Block]:
     sizes = sorted({s["train_size"] for s in sweep})
     heads = list(dict.fromkeys(s["head"] for s in sweep))
     cell = {(s["head"], s["train_size"]): s for s in sweep}
-    header = ["head", *(f"{_int(n)} images: train / test acc (train−test)" for n in sizes)]
-    rows = []
-    for h in heads:
-        row = [h]
-        for n in sizes:
-            s = cell.get((h, n))
-            row.append(
-                "—" if s is None
-                else f"{pct(s['train_acc'])} / {pct(s['test_acc'])} ({_pts(_gap(s))})"
-            )  # fmt: skip
-        rows.append(row)
+    seeds = _n_seeds(results)
+    header = ["training images", "head", "train acc", "test acc", "train−test gap (points)"]
+    if seeds > 1:
+        over = f"over {seeds} seeds"
+        header += [f"test acc {over}: mean (min–max)", f"train−test gap {over}: mean (min–max)"]
+    rows = [
+        [_int(n), h, _cell(s, "train_acc"), _cell(s, "test_acc"), _pts(_gap(s)),
+         *(_seed_cells(s) if seeds > 1 else [])]
+        for n in sizes
+        for h in heads
+        if (s := cell.get((h, n))) is not None
+    ]  # fmt: skip
     return [
         Heading(2, "Overfitting where it matters: small training sets"),
         Table(header, rows),
@@ -423,7 +550,7 @@ def _sweep_finding(
         parts.append(
             f"With {_int(n)} training images ({_n(here[0]['epochs'], 'epoch')}) the "
             f"train−test gaps are {gaps} points; the best test accuracy is {best['head']}'s "
-            f"({pct(best['test_acc'])})."
+            f"({pct(best['test_acc'])}{_ties(best, [(r['head'], r) for r in here], 'test_acc')})."
         )
     fc, gap = _fc_and_gap(results)
     if fc is not None and gap is not None and {fc["head"], gap["head"]} <= set(heads):
@@ -433,6 +560,12 @@ def _sweep_finding(
         parts.append(
             f"{g} overfits less than {f} at {len(less)} of {len(both)} training-set sizes."
         )
+        parts += [
+            f"Test accuracy with {_int(n)} images: "
+            + _versus(cell[(g, n)], g, cell[(f, n)], f, "test_acc")
+            for n in both
+            if cell[(g, n)].get("test_acc_ci")
+        ]
     return " ".join(parts)
 
 
@@ -454,8 +587,8 @@ def _cam_blocks(results: dict[str, Any]) -> list[Block]:
         header = ["canvas", "classification acc", "box loc acc (IoU >= 0.5)",
                   "top-1 loc (class and box)", "mean IoU"]  # fmt: skip
         table = [
-            [f"{r['size']}x{r['size']}", pct(r["acc"]), pct(r["loc_acc"]),
-             pct(r["top1_loc"]), "n/a" if r["mean_iou"] is None else f"{r['mean_iou']:.2f}"]
+            [f"{r['size']}x{r['size']}", _cell(r, "acc"), _cell(r, "loc_acc"),
+             _cell(r, "top1_loc"), "n/a" if r["mean_iou"] is None else f"{r['mean_iou']:.2f}"]
             for r in rows
         ]  # fmt: skip
         blocks += [Table(header, table), Finding(_cam_finding(c))]

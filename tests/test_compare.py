@@ -115,3 +115,40 @@ def test_run_compare_fills_the_results_and_reuse_skips_training(tmp_path):
     assert ckpt.stat().st_mtime_ns == before  # kept, not retrained
     assert again["runs"][1]["test_acc"] == results["runs"][1]["test_acc"]
     assert torch.get_num_threads() >= 1
+
+
+# A comparison on the 8x8 "digits" set small enough to train twice per head in seconds.
+TINY_SEEDS = dict(
+    data="digits", model="convnet-tiny", heads=("fc", "gap"), epochs=1, seeds=2, threads=1,
+    train_sizes=(100,), sweep_steps=2, sizes=(8, 12), canvases=(8, 16), eval_n=40,
+    cam=True, cam_sizes=(16,), cam_examples=1, loc_n=20, threshold=0.2,
+)  # fmt: skip
+
+
+def test_run_compare_with_seeds_pools_them_and_keeps_each(tmp_path):
+    spec = CompareSpec(**TINY_SEEDS)
+    results = compare.run_compare(spec, tmp_path, progress=False, log=lambda text: None)
+    json.dumps(results)  # JSON-ready as it is
+    fc, gap = results["runs"]
+    n_test = results["data"]["test"]
+    for entry in (fc, gap, *results["sweep"]):
+        assert [r["seed"] for r in entry["seeds"]] == [0, 1]  # seed, seed + 1
+        ci = entry["test_acc_ci"]  # pooled over both seeds' test sets
+        assert ci["n"] == 2 * n_test and ci["correct"] == sum(
+            r["test_acc_ci"]["correct"] for r in entry["seeds"]
+        )
+        assert (ci["lo"], ci["hi"]) == report.wilson(ci["correct"], ci["n"])
+        assert ci["lo"] <= entry["test_acc"] <= ci["hi"]
+    assert (tmp_path / "gap" / "seed1" / "checkpoint.safetensors").is_file()
+    assert (tmp_path / "sweep" / "fc-100" / "seed0" / "config.json").is_file()
+    assert (fc["input_size"], fc["has_cam"], gap["input_size"], gap["has_cam"]) == (
+        8,
+        False,
+        None,
+        True,
+    )
+    assert fc["sizes"][1] == {"size": 12, "acc": None, "acc_ci": None, "na": "fixed 8x8 input"}
+    assert gap["sizes"][1]["acc_ci"]["n"] == 40
+    assert results["cam"]["model"] == "gap" and results["cam"]["rows"][0]["loc_acc_ci"]["n"] == 20
+    md = report.write_report(results, tmp_path)["markdown"].read_text()
+    assert "test acc over 2 seeds: mean (min–max)" in md

@@ -14,21 +14,29 @@ from PIL import Image
 
 from gapnet import report
 from gapnet.compare import CompareSpec
-from gapnet.report import load_results, svg_line_chart, write_report
+from gapnet.report import interval, load_results, svg_line_chart, wilson, write_report
 
 NA = "n/a (fixed 28x28 input)"
 
 
+EVAL_N = 500  # test images per size and canvas in FAKE
+
+
+def _ci(acc, n):
+    """The interval record of an accuracy measured on n images (as run_compare stores it)."""
+    return interval(round(acc * n), n)
+
+
 def _sizes(accs):
-    return [{"size": s, "acc": a, "na": None} for s, a in accs]
+    return [{"size": s, "acc": a, "acc_ci": _ci(a, EVAL_N), "na": None} for s, a in accs]
 
 
 def _fixed(sizes, acc):
     """The rows of an fc head: `acc` at 28, n/a at every other size."""
     return [
-        {"size": s, "acc": acc, "na": None}
+        {"size": s, "acc": acc, "acc_ci": _ci(acc, EVAL_N), "na": None}
         if s == 28
-        else {"size": s, "acc": None, "na": "fixed 28x28 input"}
+        else {"size": s, "acc": None, "acc_ci": None, "na": "fixed 28x28 input"}
         for s in sizes
     ]
 
@@ -45,6 +53,8 @@ def _run(name, head, params, train_acc, test_acc, seconds, history, sizes, canva
         "has_cam": head != "fc",
         "train_acc": train_acc,
         "test_acc": test_acc,
+        "train_acc_ci": _ci(train_acc, 4000),
+        "test_acc_ci": _ci(test_acc, 1000),
         "train_loss": 0.05,
         "test_loss": 0.1,
         "train_seconds": seconds,
@@ -126,6 +136,8 @@ FAKE = {
             "epochs": 60,
             "train_acc": 1.0,
             "test_acc": 0.712,
+            "train_acc_ci": _ci(1.0, 250),
+            "test_acc_ci": _ci(0.712, 1000),
             "train_seconds": 9.0,
         },
         {
@@ -134,6 +146,8 @@ FAKE = {
             "epochs": 60,
             "train_acc": 0.95,
             "test_acc": 0.744,
+            "train_acc_ci": _ci(0.95, 250),
+            "test_acc_ci": _ci(0.744, 1000),
             "train_seconds": 8.0,
         },
         {
@@ -142,6 +156,8 @@ FAKE = {
             "epochs": 15,
             "train_acc": 1.0,
             "test_acc": 0.901,
+            "train_acc_ci": _ci(1.0, 1000),
+            "test_acc_ci": _ci(0.901, 1000),
             "train_seconds": 9.0,
         },
         {
@@ -150,6 +166,8 @@ FAKE = {
             "epochs": 15,
             "train_acc": 0.97,
             "test_acc": 0.925,
+            "train_acc_ci": _ci(0.97, 1000),
+            "test_acc_ci": _ci(0.925, 1000),
             "train_seconds": 8.0,
         },
     ],
@@ -234,22 +252,29 @@ def test_markdown_has_the_sections_and_the_header(rendered):
 def test_markdown_states_the_measured_numbers(rendered):
     _, md, _ = rendered
     # the heads table: params, accuracies, gaps, times
-    assert "| fc | 3,503,786 | 3,216,906 | 99.5% | 96.2% | +3.3 | 41.5 s |" in md
-    assert "| gap | 288,170 | 1,290 | 98.1% | 97.5% | +0.6 | 35.2 s |" in md
+    # (accuracies with their 95 % Wilson intervals over 4,000 training and 1,000 test images)
+    assert (
+        "| fc | 3,503,786 | 3,216,906 | 99.5 % (99.2–99.7) | 96.2 % (94.8–97.2) | +3.3 | 41.5 s |"
+        in md
+    )
+    assert (
+        "| gap | 288,170 | 1,290 | 98.1 % (97.6–98.5) | 97.5 % (96.3–98.3) | +0.6 | 35.2 s |" in md
+    )
+    assert "spread" not in md and "seeds" not in md  # one seed: no spread columns
     # findings templated from those numbers
     assert "1,290 parameters" in md and "3,216,906 for fc, 2,494x fewer" in md
     assert "12x smaller" in md
     assert "+0.6 points vs +3.3 for fc (smaller)" in md
     # sizes: every n/a cell of fc, the numbers of gap and the robust variant side by side
     assert md.count(NA) == 4 + 4
-    assert "| gap | 61.2% | 97.5% | 94.4% | 80.1% | 63.3% |" in md
-    assert "| gap-robust | 96.9% | 96.6% | 95.8% | 94.1% | 91.8% |" in md
-    assert "plain gap scores 28.7% and gap-robust (random canvases 28-56 px) 91.8%" in md
-    assert "Best on 112x112 canvases: gap-robust (91.8%)." in md
+    assert "| gap | 61.2 % (56.9–65.4) | 97.5 % (95.9–98.6) | 94.4 % (92.0–96.1) |" in md
+    assert "| gap-robust | 96.9 % (94.9–98.0) | 96.6 % (94.6–97.9) | 95.8 % (93.7–97.2) |" in md
+    assert "plain gap scores 28.7 % (25.0–32.9) and gap-robust (random canvases 28-56 px)" in md
+    assert "Best on 112x112 canvases: gap-robust (91.8 % (89.1–93.9))." in md
     # sweep
-    assert "| fc | 100.0% / 71.2% (+28.8) | 100.0% / 90.1% (+9.9) |" in md
+    assert "| 250 | fc | 100.0 % (98.5–100.0) | 71.2 % (68.3–73.9) | +28.8 |" in md
     assert "gap overfits less than fc at 2 of 2 training-set sizes" in md
-    # CAM
+    # CAM (these rows carry no intervals, as in an older results.json: plain percentages)
     assert "| 112x112 | 91.8% | 64.5% | 61.2% | 0.51 |" in md
     assert (
         "Boxing the largest connected region (the CAM paper's rule) of the CAM of its predicted "
@@ -349,3 +374,102 @@ def test_recipe_names_trainconfig_defaults():
     assert report.recipe({"augmentation": "none", "label_smoothing": 0.0, "lr": 0.1}) == (
         "no augmentation, label smoothing 0, lr=0.1"
     )
+
+
+# (what it exercises, k, n, expected (lo, hi) to 4 places: computed by hand from the formula)
+WILSON_CASES = [
+    ("none right: lo is exactly 0", 0, 100, (0.0, 0.0370)),
+    ("all right: hi is exactly 1", 100, 100, (0.9630, 1.0)),
+    ("98 of 100", 98, 100, (0.9300, 0.9945)),
+    ("half of 10: symmetric", 5, 10, (0.2366, 0.7634)),
+    ("one image, right", 1, 1, (0.2065, 1.0)),
+    ("988 of 1000", 988, 1000, (0.9791, 0.9931)),
+]
+
+
+@pytest.mark.parametrize(
+    "k,n,expected", [c[1:] for c in WILSON_CASES], ids=[c[0] for c in WILSON_CASES]
+)
+def test_wilson_matches_known_values(k, n, expected):
+    lo, hi = wilson(k, n)
+    assert (round(lo, 4), round(hi, 4)) == expected
+    assert 0.0 <= lo <= k / n <= hi <= 1.0
+
+
+# (what is wrong, k, n)
+WILSON_ERRORS = [("n 0", 0, 0), ("k above n", 5, 4), ("negative k", -1, 4), ("float k", 0.5, 4)]
+
+
+@pytest.mark.parametrize("k,n", [c[1:] for c in WILSON_ERRORS], ids=[c[0] for c in WILSON_ERRORS])
+def test_wilson_rejects_bad_counts(k, n):
+    with pytest.raises(ValueError, match=r"wilson: [kn] must be"):
+        wilson(k, n)
+
+
+def _with_test(run, correct, n):
+    return dict(run, test_acc=correct / n, test_acc_ci=interval(correct, n))
+
+
+# (what it exercises, gap's correct of 1000, fc's correct of 1000, the wording expected)
+NOISE_CASES = [
+    ("close: intervals overlap", 975, 962, "overlap, so the difference is within the noise"),
+    ("far apart: gap higher", 990, 900, "gap is higher and the 95 % intervals do not overlap"),
+    ("far apart: fc higher", 900, 990, "fc is higher and the 95 % intervals do not overlap"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "gap_ok,fc_ok,words", [c[1:] for c in NOISE_CASES], ids=[c[0] for c in NOISE_CASES]
+)
+def test_findings_weigh_differences_by_their_intervals(gap_ok, fc_ok, words):
+    results = copy.deepcopy(FAKE)
+    fc, gap, robust = results["runs"]
+    results["runs"] = [_with_test(fc, fc_ok, 1000), _with_test(gap, gap_ok, 1000), robust]
+    md = report.to_markdown(report.report_blocks(results))
+    heads = md.split("## Heads")[1].split("## Any input size")[0]
+    assert words in heads
+    assert ("within the noise" in heads) == (abs(gap_ok - fc_ok) < 30)
+
+
+def _seeded(entry, tests, trains, n_test=1000, n_train=4000):
+    """`entry` trained once per seed with these (train, test) correct counts, pooled as
+    run_compare pools them."""
+    records = [
+        {"seed": i, "train_acc": tr / n_train, "test_acc": te / n_test, "train_seconds": 1.0,
+         "train_acc_ci": interval(tr, n_train), "test_acc_ci": interval(te, n_test)}
+        for i, (te, tr) in enumerate(zip(tests, trains, strict=True))
+    ]  # fmt: skip
+    test_ci = report.pooled([r["test_acc_ci"] for r in records])
+    train_ci = report.pooled([r["train_acc_ci"] for r in records])
+    return dict(entry, seeds=records, test_acc=test_ci["correct"] / test_ci["n"],
+                test_acc_ci=test_ci, train_acc=train_ci["correct"] / train_ci["n"],
+                train_acc_ci=train_ci)  # fmt: skip
+
+
+def test_seeds_give_mean_and_range_columns_and_a_pooled_interval():
+    results = copy.deepcopy(FAKE)
+    fc, gap, robust = results["runs"]
+    # gap over 3 seeds: test 970, 975, 980 of 1000 (mean 97.5, range 97.0-98.0), train
+    # 3920, 3924, 3928 of 4000 (98.0, 98.1, 98.2): gaps +1.0, +0.6, +0.2
+    results["runs"] = [fc, _seeded(gap, [970, 975, 980], [3920, 3924, 3928]), robust]
+    md = report.to_markdown(report.report_blocks(results))
+    assert "test acc over 3 seeds: mean (min–max)" in md
+    pooled_ci = interval(2925, 3000)  # 3 x 1000 test images pooled
+    row = next(line for line in md.splitlines() if line.startswith("| gap |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4] == report.acc_text(0.975, pooled_ci)
+    assert cells[-2:] == ["97.5 (97.0–98.0)", "+0.6 (+0.2–+1.0)"]
+    fc_row = next(line for line in md.splitlines() if line.startswith("| fc |"))
+    assert fc_row.rstrip().endswith("| 96.2 (96.2–96.2) | +3.3 (+3.3–+3.3) |")  # one seed
+
+
+def test_sweep_seeds_give_mean_and_range_per_size():
+    results = copy.deepcopy(FAKE)
+    results["sweep"] = [
+        _seeded(s, [700, 720], [250, 248], n_train=250) if s["train_size"] == 250 else s
+        for s in results["sweep"]
+    ]
+    md = report.to_markdown(report.report_blocks(results))
+    sweep = md.split("## Overfitting")[1].split("## Localization")[0]
+    assert "train−test gap over 2 seeds: mean (min–max)" in sweep
+    assert "| 250 | fc | " in sweep and "71.0 (70.0–72.0) | +28.6 (+27.2–+30.0) |" in sweep
