@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gapnet import inference
 from gapnet.cam import REGIONS
 from gapnet.config import Config, option
 from gapnet.models import HEADS
@@ -89,6 +90,7 @@ class CompareSpec(Config):
         (28, 40, 56, 84, 112), low=1
     )  # digits on blank S x S canvases
     eval_n: int | None = option(500, low=1)  # test images per size and canvas; None: all
+    scales: tuple[float, ...] = option((), above=0)  # robust run: also multi-scale at these
     # localization for free
     cam: bool = True  # the CAM section: overlay grid, localization table on the canvases
     cam_sizes: tuple[int, ...] = option((56, 84, 112), low=1)  # canvas sizes of the overlay grid
@@ -236,6 +238,7 @@ def accuracy_table(
     sets: Sequence[tuple[int, Any]],
     *,
     batch_size: int = 256,
+    scales: Sequence[float] = (),
 ) -> list[dict[str, Any]]:
     """Test accuracy of `model` on (size, ImageSet) pairs; n/a where the model cannot run.
 
@@ -243,19 +246,23 @@ def accuracy_table(
         model: a classifier that answers ``size_problem(h, w)`` (GapNet, export.OnnxModel).
         sets: (size, ImageSet) pairs, the images at that size.
         batch_size: images per forward pass.
+        scales: test-time multi-scale inference over these scales
+            (`gapnet.inference.evaluate`'s ``scales``); (): each image once, at its size.
 
     Returns:
         one ``{"size": S, "acc": float or None, "acc_ci": interval or None, "na": reason or
         None}`` per pair (`gapnet.report.interval`: correct, n and the Wilson bounds).
     """
-    from gapnet.train import evaluate
-
     rows = []
+    # only a multi-scale call passes `scales`, so plain measurements need no newer inference
+    extra: dict[str, Any] = {"scales": tuple(scales)} if scales else {}
     for size, imageset in sets:
         na = model.size_problem(size, size)  # the model's own rule (fc: one size)
         acc, ci = None, None
         if na is None:
-            acc, _ = evaluate(model, imageset.images, imageset.labels, batch_size=batch_size)
+            acc, _ = inference.evaluate(
+                model, imageset.images, imageset.labels, batch_size=batch_size, **extra
+            )
             ci = interval(round(acc * len(imageset)), len(imageset))
         rows.append({"size": size, "acc": acc, "acc_ci": ci, "na": na})
     return rows
@@ -448,6 +455,12 @@ def run_compare(
             # measured on the first seed's model: the sizes are about the head, not the seed
             entry["sizes"] = accuracy_table(first.model, rescaled)
             entry["canvases"] = accuracy_table(first.model, canvases)
+            if robust and spec.scales:  # test-time multi-scale inference of the robust run
+                entry["multiscale"] = {
+                    "scales": list(spec.scales),
+                    "sizes": accuracy_table(first.model, rescaled, scales=spec.scales),
+                    "canvases": accuracy_table(first.model, canvases, scales=spec.scales),
+                }
             runs.append(entry)
             models[name] = first.model
         sweep = []

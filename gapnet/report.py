@@ -441,9 +441,21 @@ def _sizes_blocks(results: dict[str, Any]) -> list[Block]:
             continue
         header = ["head", *(f"{s}x{s}" for s in sizes)]
         rows = [[r["name"], *(_cell(c) for c in r.get(key, []))] for r in runs]
+        rows += [
+            [_multiscale_name(r), *(_cell(c) for c in r["multiscale"][key])]
+            for r in runs
+            if r.get("multiscale")
+        ]
         blocks += [Heading(3, title), Table(header, rows)]
     blocks.append(Finding(_sizes_finding(results)))
     return blocks
+
+
+def _multiscale_name(run: dict[str, Any]) -> str:
+    """ "gem-robust, multi-scale x0.75,1,1.5": the row of a run's test-time multi-scale
+    inference (`gapnet.inference.evaluate` with ``scales``)."""
+    scales = ",".join(f"{v:g}" for v in run["multiscale"]["scales"])
+    return f"{run['name']}, multi-scale x{scales}"
 
 
 def _mean_acc(cells: list[dict[str, Any]]) -> float | None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gapnet import compare, models, report
+from gapnet import compare, data, inference, models, report
 from gapnet.compare import DEMO, CompareSpec
 
 # (what is wrong, fields, message: each names the field and the value it got)
@@ -152,3 +152,26 @@ def test_run_compare_with_seeds_pools_them_and_keeps_each(tmp_path):
     assert results["cam"]["model"] == "gap" and results["cam"]["rows"][0]["loc_acc_ci"]["n"] == 20
     md = report.write_report(results, tmp_path)["markdown"].read_text()
     assert "test acc over 2 seeds: mean (min–max)" in md
+
+
+def test_accuracy_table_passes_scales_to_inference_evaluate(monkeypatch):
+    calls = []
+
+    def fake_evaluate(model, images, labels, *, batch_size, **kw):  # inference.evaluate's form
+        calls.append(kw)
+        return 0.75, 0.1
+
+    monkeypatch.setattr(inference, "evaluate", fake_evaluate)
+    model = models.create("convnet-tiny", head="gap")
+    sets = [(28, data.ImageSet(torch.rand(4, 1, 28, 28), torch.arange(4)))]
+    (row,) = compare.accuracy_table(model, sets, scales=(0.75, 1.0))
+    assert calls == [{"scales": (0.75, 1.0)}]
+    assert row["acc"] == 0.75 and (row["acc_ci"]["correct"], row["acc_ci"]["n"]) == (3, 4)
+    compare.accuracy_table(model, sets)  # no scales: the plain call, as before
+    assert calls[-1] == {}
+
+
+def test_spec_scales_must_be_positive():
+    assert CompareSpec(scales=[0.75, 1, 1.5]).scales == (0.75, 1.0, 1.5)
+    with pytest.raises(ValueError, match=r"CompareSpec\.scales must be > 0"):
+        CompareSpec(scales=(0.0, 1.0))

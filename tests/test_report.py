@@ -473,3 +473,17 @@ def test_sweep_seeds_give_mean_and_range_per_size():
     sweep = md.split("## Overfitting")[1].split("## Localization")[0]
     assert "train−test gap over 2 seeds: mean (min–max)" in sweep
     assert "| 250 | fc | " in sweep and "71.0 (70.0–72.0) | +28.6 (+27.2–+30.0) |" in sweep
+
+
+def test_size_tables_show_the_robust_runs_multiscale_row():
+    results = copy.deepcopy(FAKE)
+    robust = results["runs"][2]
+    robust["multiscale"] = {
+        "scales": [0.75, 1.0, 1.5],
+        "sizes": _sizes(zip(SIZES, [0.80, 0.98, 0.97, 0.96, 0.95], strict=True)),
+        "canvases": _sizes(zip(CANVASES, [0.97, 0.97, 0.96, 0.95, 0.94], strict=True)),
+    }
+    md = report.to_markdown(report.report_blocks(results))
+    assert md.count("| gap-robust, multi-scale x0.75,1,1.5 | ") == 2  # rescaled and canvases
+    assert "| gap-robust, multi-scale x0.75,1,1.5 | 80.0 % (76.3–83.3) |" in md
+    assert "multi-scale" not in report.to_markdown(report.report_blocks(FAKE))
