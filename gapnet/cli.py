@@ -236,7 +236,7 @@ def add_config_flags(
         into = groups.get(title) or groups.setdefault(title, p.add_argument_group(title))
         flags = [f"--{option.name.replace('_', '-')}", *(aliases or {}).get(option.name, ())]
         default = option.default
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        shown = (",".join(map(str, default)) or "none") if isinstance(default, tuple) else default
         extra: dict[str, Any] = {"help": f"{option.help} (default {shown!s})".replace("%", "%%")}
         if option.hint is bool:
             extra["action"] = argparse.BooleanOptionalAction
@@ -898,7 +898,7 @@ def build_parser() -> argparse.ArgumentParser:
         (parameters; train and test accuracy and their gap; accuracy with the test images
         rescaled and placed on larger canvases; the train/test gap on smaller training sets;
         CAM localization of the GAP model) and write report.md, report.html (self-contained),
-        accuracy.svg and results.json to --out, with a summary in the terminal. Every run's
+        results.json and the figures (PNG) to --out, with a summary in the terminal. Every run's
         checkpoint stays in its own sub-folder. --quick starts from the demo's quick settings.""",
         ["gapnet compare --heads fc,gap,gap-fc --epochs 4 --train-sizes 250,1000",
          "gapnet compare --quick --robust --out runs/quick"],
@@ -924,7 +924,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(
         sub, "report", "re-render a comparison's report from its results.json",
-        """Re-render report.md, report.html and accuracy.svg of a finished comparison from its
+        """Re-render report.md, report.html and the figures of a finished comparison from its
         results.json, without training, and print the summary.""",
         ["gapnet report runs/demo"],
     )  # fmt: skip

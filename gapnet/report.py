@@ -3,7 +3,7 @@
 `gapnet.compare.run_compare` measures and returns a ``results`` dict (the shape of
 ``results.json``); this module only renders it, so a saved results.json re-renders without
 training (``gapnet report DIR``). The document is a list of typed blocks (`Heading`,
-`Paragraph`, `Code`, `Table`, `Figure`, `CamGrid`, `Finding`) built once by `report_blocks` and
+`Paragraph`, `Code`, `Table`, `Figure`, `Finding`) built once by `report_blocks` and
 walked by each renderer: `to_markdown`, `to_html`, `summary_text` (the terminal). Every
 sentence of a finding is templated from the measured numbers.
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import math
 import os
@@ -35,7 +36,6 @@ RESULTS_FORMAT = "gapnet.results/1"  # the "format" tag of results.json
 RESULTS_JSON = "results.json"
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
-ACCURACY_SVG = "accuracy.svg"
 CAM_DIR = "cam"  # overlay PNGs of the CAM grid, relative to the report folder
 
 
@@ -87,15 +87,7 @@ class Figure:
     alt: str
 
 
-@dataclass(frozen=True)
-class CamGrid:
-    """The CAM overlays: results.json's ``cam.grid`` items (each names its PNG) and a caption."""
-
-    items: list[dict[str, Any]]
-    caption: str
-
-
-Block = Heading | Paragraph | Finding | Code | Table | Figure | CamGrid
+Block = Heading | Paragraph | Finding | Code | Table | Figure
 
 
 # --------------------------------------------------------------------------- recipes
@@ -373,7 +365,7 @@ def _heads_blocks(results: dict[str, Any]) -> list[Block]:
         Table(header, rows),
         Finding(_heads_finding(results)),
         Heading(3, "Test accuracy per epoch"),
-        Figure(ACCURACY_SVG, "test accuracy per epoch, one line per head"),
+        Figure(EPOCHS_PNG, "test accuracy per epoch, one line per head"),
     ]
     return blocks
 
@@ -447,7 +439,10 @@ def _sizes_blocks(results: dict[str, Any]) -> list[Block]:
             if r.get("multiscale")
         ]
         blocks += [Heading(3, title), Table(header, rows)]
-    blocks.append(Finding(_sizes_finding(results)))
+    blocks += [
+        Figure(SIZES_PNG, "test accuracy vs input size, one line per run, 95 % Wilson bands"),
+        Finding(_sizes_finding(results)),
+    ]
     return blocks
 
 
@@ -538,6 +533,11 @@ def _sweep_blocks(results: dict[str, Any]) -> list[Block]:
     return [
         Heading(2, "Overfitting where it matters: small training sets"),
         Table(header, rows),
+        Figure(
+            SWEEP_PNG,
+            "test accuracy and train−test gap vs training-set size, per head; "
+            "bars from the lowest to the highest seed",
+        ),
         Finding(_sweep_finding(results, sizes, heads, cell)),
     ]
 
@@ -593,7 +593,8 @@ def _cam_blocks(results: dict[str, Any]) -> list[Block]:
             f"gives ({_region_words(c)} above {c['threshold']:.2f} of the maximum), green: the "
             "digit's true box."
         )
-        blocks.append(CamGrid(grid, caption))
+        blocks += [Figure(CAM_GRID_PNG, "class activation maps on held-out canvases"),
+                   Paragraph(caption)]  # fmt: skip
     rows = c.get("rows") or []
     if rows:
         header = ["canvas", "classification acc", "box loc acc (IoU >= 0.5)",
@@ -643,109 +644,151 @@ def report_blocks(results: dict[str, Any]) -> list[Block]:
     ]
 
 
-# --------------------------------------------------------------------------- the chart
+# --------------------------------------------------------------------------- the figures
 
-_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
-           "#7f7f7f", "#bcbd22", "#17becf")  # fmt: skip
-
-
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """About n round tick values covering [lo, hi]."""
-    raw = (hi - lo) / max(n, 1) or 1.0
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    first = math.floor(lo / step) * step
-    return [round(first + i * step, 10) for i in range(math.ceil((hi - first) / step) + 1)]
+# The PNGs the report draws (relative to the report folder); each Figure block names one.
+EPOCHS_PNG = "accuracy_per_epoch.png"
+SIZES_PNG = "accuracy_vs_size.png"
+SWEEP_PNG = "sweep.png"
+CAM_GRID_PNG = "cam_grid.png"
+FIGURE_DPI = 100
 
 
-def svg_line_chart(
-    series: dict[str, list[tuple[float, float]]],
-    *,
-    x_label: str = "epoch",
-    y_label: str = "test accuracy (%)",
-    width: int = 600,
-    height: int = 320,
-) -> str:
-    """A small standalone SVG line chart: axes, ticks, one polyline per series, a legend.
+def _new_figure(width: float, height: float) -> Any:
+    """A matplotlib Figure of width x height inches, drawn with Agg (no window, no pyplot)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError(
+            "the report draws its figures with matplotlib, which is not installed: "
+            "pip install 'gapnet[report]'"
+        ) from None
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure as MplFigure
+
+    return MplFigure(figsize=(width, height), dpi=FIGURE_DPI, layout="constrained")
+
+
+def _draw_epochs(fig: Any, results: dict[str, Any], out: Path) -> None:
+    """Test accuracy per epoch, one line per run (the first seed's history)."""
+    ax = fig.subplots()
+    for r in results.get("runs", []):
+        points = [(m["epoch"], 100 * m["test_acc"]) for m in r.get("history", [])]
+        points = [(e, a) for e, a in points if a is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=r["name"])
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def _draw_size_panel(ax: Any, runs: list[dict[str, Any]], key: str, title: str) -> None:
+    """One panel of accuracy vs size: a line per run with its 95 % Wilson band (n/a sizes
+    left out, so an fc head is one point)."""
+    lines = [(r["name"], r.get(key) or []) for r in runs]
+    lines += [(_multiscale_name(r), r["multiscale"][key]) for r in runs if r.get("multiscale")]
+    for name, cells in lines:
+        cells = [c for c in cells if c.get("acc") is not None]
+        if not cells:
+            continue
+        x = [c["size"] for c in cells]
+        (line,) = ax.plot(x, [100 * c["acc"] for c in cells], marker="o", markersize=3, label=name)
+        bands = [c.get("acc_ci") for c in cells]
+        if all(bands):
+            lo, hi = [100 * b["lo"] for b in bands], [100 * b["hi"] for b in bands]
+            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set(title=title, xlabel="S (pixels)", ylabel="test accuracy (%)")
+    ax.grid(alpha=0.3)
+
+
+def _draw_sizes(fig: Any, results: dict[str, Any], out: Path) -> None:
+    runs = results.get("runs", [])
+    left, right = fig.subplots(1, 2, sharey=True)
+    _draw_size_panel(left, runs, "sizes", "rescaled to S x S")
+    _draw_size_panel(right, runs, "canvases", "on blank S x S canvases")
+    right.legend(fontsize="small")
+
+
+def _draw_sweep(fig: Any, results: dict[str, Any], out: Path) -> None:
+    """Test accuracy and train−test gap vs training-set size, per head: the mean over seeds,
+    error bars from the lowest to the highest seed."""
+    sweep = results.get("sweep") or []
+    acc_ax, gap_ax = fig.subplots(1, 2)
+    for head in dict.fromkeys(s["head"] for s in sweep):
+        entries = sorted((s for s in sweep if s["head"] == head), key=lambda s: s["train_size"])
+        x = [s["train_size"] for s in entries]
+        for ax, value in ((acc_ax, lambda r: 100 * r["test_acc"]), (gap_ax, _gap_pts)):
+            per_seed = [[value(r) for r in s.get("seeds") or [s]] for s in entries]
+            mean = [sum(v) / len(v) for v in per_seed]
+            below = [m - min(v) for m, v in zip(mean, per_seed, strict=True)]
+            above = [max(v) - m for m, v in zip(mean, per_seed, strict=True)]
+            ax.errorbar(x, mean, yerr=[below, above], marker="o", capsize=3, label=head)
+    sizes = sorted({s["train_size"] for s in sweep})
+    for ax, label in ((acc_ax, "test accuracy (%)"), (gap_ax, "train−test gap (points)")):
+        ax.set(xscale="log", xlabel="training images", ylabel=label)
+        ax.set_xticks(sizes, labels=[f"{n:,}" for n in sizes])  # the sizes measured, no 10^k
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+    acc_ax.legend(fontsize="small")
+
+
+def _gap_pts(r: dict[str, Any]) -> float:
+    return 100 * _gap(r)
+
+
+def _draw_cam_grid(fig: Any, results: dict[str, Any], out: Path) -> None:
+    """The CAM overlays (PNGs under out/cam/), one row per canvas size."""
+    import numpy as np
+    from PIL import Image
+
+    items = (results.get("cam") or {}).get("grid") or []
+    sizes = list(dict.fromkeys(it["size"] for it in items))
+    per = max(sum(1 for it in items if it["size"] == s) for s in sizes)
+    axes = fig.subplots(len(sizes), per, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for row, size in enumerate(sizes):
+        for col, it in enumerate(i for i in items if i["size"] == size):
+            ax = axes[row][col]
+            path = out / it["image"]
+            if path.is_file():
+                with Image.open(path) as img:
+                    ax.imshow(np.asarray(img.convert("RGB")), interpolation="nearest")
+            else:
+                ax.text(0.5, 0.5, f"{it['image']}\nmissing", ha="center", va="center")
+            ax.set_title(f"{size}x{size}: {_grid_label(it)}", fontsize="x-small")
+
+
+def _figure_size(name: str, results: dict[str, Any]) -> tuple[float, float]:
+    if name == CAM_GRID_PNG:
+        items = (results.get("cam") or {}).get("grid") or []
+        sizes = list(dict.fromkeys(it["size"] for it in items))
+        per = max(sum(1 for it in items if it["size"] == s) for s in sizes)
+        return 2.6 * per, 2.6 * len(sizes)
+    return (10.0, 4.0) if name in (SIZES_PNG, SWEEP_PNG) else (7.0, 3.6)
+
+
+_DRAW = {EPOCHS_PNG: _draw_epochs, SIZES_PNG: _draw_sizes, SWEEP_PNG: _draw_sweep,
+         CAM_GRID_PNG: _draw_cam_grid}  # fmt: skip
+
+
+def draw_figure(name: str, results: dict[str, Any], out_dir: str | os.PathLike[str]) -> bytes:
+    """The PNG bytes of the report figure `name` (one of the ``*_PNG`` names) of `results`.
+
+    Deterministic: the same results give the same bytes (no date or version in the PNG).
 
     Args:
-        series: name -> (x, y) points, drawn in order.
-        x_label, y_label: axis titles.
-        width, height: size in pixels.
-
-    Example:
-        >>> import xml.etree.ElementTree as ET
-        >>> svg = svg_line_chart({"gap": [(1, 90.0), (2, 95.5)], "fc": [(1, 93.0), (2, 96.0)]})
-        >>> ET.fromstring(svg).tag
-        '{http://www.w3.org/2000/svg}svg'
+        name: EPOCHS_PNG, SIZES_PNG, SWEEP_PNG or CAM_GRID_PNG.
+        results: the results dict.
+        out_dir: the report folder (the CAM grid reads its overlay PNGs from there).
     """
-    left, right, top, bottom = 56, 130, 16, 44
-    pw, ph = width - left - right, height - top - bottom
-    pts = [p for s in series.values() for p in s] or [(0.0, 0.0), (1.0, 1.0)]
-    xt = _ticks(min(p[0] for p in pts), max(p[0] for p in pts))
-    if all(float(x).is_integer() for x, _ in pts):  # epochs: integer ticks only
-        xt = sorted({float(round(x)) for x in xt})
-    yt = _ticks(min(p[1] for p in pts), max(p[1] for p in pts))
-    x0, x1 = xt[0], max(xt[-1], xt[0] + 1)
-    y0, y1 = yt[0], max(yt[-1], yt[0] + 1)
-
-    def sx(x: float) -> float:
-        return left + (x - x0) / (x1 - x0) * pw
-
-    def sy(y: float) -> float:
-        return top + ph - (y - y0) / (y1 - y0) * ph
-
-    esc = html.escape
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
-        f"<title>{esc(y_label)} per {esc(x_label)}</title>",
-        f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>',
-    ]
-    for y in yt:
-        out.append(
-            f'<line x1="{left}" y1="{sy(y):.1f}" x2="{left + pw}" y2="{sy(y):.1f}" stroke="#ddd"/>'
-            f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:g}</text>'
-        )
-    for x in xt:
-        out.append(
-            f'<line x1="{sx(x):.1f}" y1="{top + ph}" x2="{sx(x):.1f}" y2="{top + ph + 4}" '
-            f'stroke="#444"/><text x="{sx(x):.1f}" y="{top + ph + 16}" '
-            f'text-anchor="middle">{x:g}</text>'
-        )
-    out.append(
-        f'<text x="{left + pw / 2:.1f}" y="{height - 8}" text-anchor="middle">{esc(x_label)}</text>'
-        f'<text transform="translate(14 {top + ph / 2:.1f}) rotate(-90)" '
-        f'text-anchor="middle">{esc(y_label)}</text>'
-    )
-    for i, (name, points) in enumerate(series.items()):
-        color = _COLORS[i % len(_COLORS)]
-        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
-        out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
-        out += [
-            f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{color}"/>' for x, y in points
-        ]
-        ly = top + 10 + 16 * i
-        out.append(
-            f'<line x1="{left + pw + 12}" y1="{ly}" x2="{left + pw + 32}" y2="{ly}" '
-            f'stroke="{color}" stroke-width="2"/><text x="{left + pw + 38}" y="{ly + 4}">'
-            f"{esc(name)}</text>"
-        )
-    out.append("</svg>")
-    return "\n".join(out) + "\n"
-
-
-def accuracy_chart(results: dict[str, Any]) -> str:
-    """The per-epoch test accuracy (%) of every run as an SVG line chart."""
-    series = {
-        r["name"]: [
-            (m["epoch"], 100 * m["test_acc"])
-            for m in r.get("history", [])
-            if m.get("test_acc") is not None
-        ]
-        for r in results.get("runs", [])
-    }
-    return svg_line_chart({k: v for k, v in series.items() if v})
+    if name not in _DRAW:
+        raise ValueError(f"draw_figure: name must be one of {', '.join(_DRAW)}, got {name!r}")
+    fig = _new_figure(*_figure_size(name, results))
+    _DRAW[name](fig, results, Path(out_dir))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------- rendering
@@ -762,21 +805,6 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _md_grid(grid: CamGrid) -> str:
-    sizes = list(dict.fromkeys(it["size"] for it in grid.items))
-    per = max(sum(1 for it in grid.items if it["size"] == s) for s in sizes)
-    lines = ["| canvas | " + " | ".join(f"example {i + 1}" for i in range(per)) + " |"]
-    lines.append("|" + "---|" * (per + 1))
-    for s in sizes:
-        cells = [
-            f"![{_grid_label(it)}]({it['image']})<br>{_grid_label(it)}"
-            for it in grid.items
-            if it["size"] == s
-        ]
-        lines.append(f"| {s}x{s} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + f"\n\n{grid.caption}"
-
-
 def _md_block(b: Block) -> str:
     """One block as Markdown ("" for an empty paragraph)."""
     match b:
@@ -790,8 +818,6 @@ def _md_block(b: Block) -> str:
             return _md_table(header, rows)
         case Figure(path, alt):
             return f"![{alt}]({path})"
-        case CamGrid():
-            return _md_grid(b)
     raise TypeError(f"not a report block: {b!r}")
 
 
@@ -822,9 +848,8 @@ th { background: #f2f2f2; }
 td.na { color: #888; }
 p.finding { border-left: 3px solid #4a7; padding-left: 0.6rem; }
 pre { background: #f6f6f6; padding: 0.6rem; overflow-x: auto; }
-.grid { display: flex; flex-wrap: wrap; gap: 0.8rem; }
-.grid figure { margin: 0; font-size: 0.8rem; max-width: 14rem; }
-.grid img { width: 12rem; image-rendering: pixelated; border: 1px solid #ccc; }
+figure { margin: 0.8rem 0; }
+figure img { max-width: 100%; }
 """
 
 
@@ -862,21 +887,6 @@ def _html_figure(f: Figure, base: Path) -> str:
     return f'<figure><img alt="{html.escape(f.alt)}" src="{uri}"></figure>'
 
 
-def _html_grid(g: CamGrid, base: Path) -> str:
-    out = ['<div class="grid">']
-    for it in g.items:
-        label = html.escape(f"{it['size']}x{it['size']}: {_grid_label(it)}")
-        uri = _png_data_uri(base / it["image"])
-        img = (
-            f'<img alt="{label}" src="{uri}">'
-            if uri
-            else f"<div>(image {html.escape(it['image'])} missing)</div>"
-        )
-        out.append(f"<figure>{img}<figcaption>{label}</figcaption></figure>")
-    out.append(f"</div><p>{_inline(g.caption)}</p>")
-    return "\n".join(out)
-
-
 def _html_block(b: Block, base: Path) -> str:
     """One block as HTML ("" for an empty paragraph)."""
     match b:
@@ -892,8 +902,6 @@ def _html_block(b: Block, base: Path) -> str:
             return _html_table(b)
         case Figure():
             return _html_figure(b, base)
-        case CamGrid():
-            return _html_grid(b, base)
     raise TypeError(f"not a report block: {b!r}")
 
 
@@ -917,29 +925,28 @@ def to_html(blocks: list[Block], out_dir: str | os.PathLike[str]) -> str:
 
 
 def write_report(results: dict[str, Any], out_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """Write results.json, accuracy.svg, report.md and report.html into `out_dir`.
+    """Write results.json, the figures (PNG), report.md and report.html into `out_dir`.
 
     Renders only from `results` (and the CAM PNGs it names under `out_dir`), so a saved
-    results.json re-renders without training (``gapnet report DIR``).
+    results.json re-renders without training (``gapnet report DIR``). report.html embeds the
+    figures, so it is one self-contained file.
 
     Args:
         results: `gapnet.compare.run_compare`'s dict, or `load_results`' of a results.json.
         out_dir: the report folder.
 
     Returns:
-        the paths written, by kind ("results", "svg", "markdown", "html").
+        the paths written, by kind: "results", "markdown", "html", and each figure's file
+        name without ".png" ("accuracy_per_epoch", "accuracy_vs_size", "sweep", "cam_grid").
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "results": out / RESULTS_JSON,
-        "svg": out / ACCURACY_SVG,
-        "markdown": out / REPORT_MD,
-        "html": out / REPORT_HTML,
-    }
+    paths = {"results": out / RESULTS_JSON, "markdown": out / REPORT_MD, "html": out / REPORT_HTML}
     atomic_write(paths["results"], (json.dumps(results, indent=1) + "\n").encode())
-    atomic_write(paths["svg"], accuracy_chart(results).encode())
     blocks = report_blocks(results)
+    for figure in (b for b in blocks if isinstance(b, Figure)):  # the blocks name the figures
+        paths[Path(figure.path).stem] = out / figure.path
+        atomic_write(out / figure.path, draw_figure(figure.path, results, out))
     atomic_write(paths["markdown"], to_markdown(blocks).encode())
     atomic_write(paths["html"], to_html(blocks, out).encode())
     return paths
@@ -977,8 +984,6 @@ def _text_block(b: Block) -> str:
             return text_table(header, rows)
         case Figure(path):
             return f"(chart: {path})"
-        case CamGrid(items):
-            return f"({_n(len(items), 'overlay')} under {CAM_DIR}/)"
     raise TypeError(f"not a report block: {b!r}")
 
 

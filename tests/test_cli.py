@@ -258,7 +258,13 @@ def test_compare_writes_the_report_with_every_section(tmp_path, capsys):
     out_dir = tmp_path / "cmp"
     code, out, _ = run(capsys, "compare", *TINY_COMPARE, "--robust", "--out", out_dir)
     assert code == 0
-    for name in ("report.md", "report.html", "results.json", "accuracy.svg"):
+    for name in (
+        "report.md",
+        "report.html",
+        "results.json",
+        "accuracy_per_epoch.png",
+        "accuracy_vs_size.png",
+    ):
         assert (out_dir / name).is_file(), name
     md = (out_dir / "report.md").read_text()
     for section in ("## Heads", "## Any input size", "## Overfitting", "## Localization"):

@@ -150,8 +150,13 @@ def test_run_compare_with_seeds_pools_them_and_keeps_each(tmp_path):
     assert fc["sizes"][1] == {"size": 12, "acc": None, "acc_ci": None, "na": "fixed 8x8 input"}
     assert gap["sizes"][1]["acc_ci"]["n"] == 40
     assert results["cam"]["model"] == "gap" and results["cam"]["rows"][0]["loc_acc_ci"]["n"] == 20
-    md = report.write_report(results, tmp_path)["markdown"].read_text()
+    paths = report.write_report(results, tmp_path)
+    md = paths["markdown"].read_text()
     assert "test acc over 2 seeds: mean (min–max)" in md
+    for figure in ("accuracy_per_epoch", "accuracy_vs_size", "sweep", "cam_grid"):
+        assert paths[figure].read_bytes().startswith(b"\x89PNG"), figure
+        assert f"]({figure}.png)" in md
+    assert paths["html"].read_text().count('src="data:image/png;base64,') == 4
 
 
 def test_accuracy_table_passes_scales_to_inference_evaluate(monkeypatch):
