@@ -5,7 +5,10 @@
 training (``gapnet report DIR``). The document is a list of typed blocks (`Heading`,
 `Paragraph`, `Code`, `Table`, `Figure`, `Finding`) built once by `report_blocks` and
 walked by each renderer: `to_markdown`, `to_html`, `summary_text` (the terminal). Every
-sentence of a finding is templated from the measured numbers.
+sentence of a finding is templated from the measured numbers, and weighs two accuracies by
+their 95 % Wilson intervals (`wilson`): overlapping intervals are "within the noise". The
+figures are drawn with matplotlib (the ``report`` extra, imported only when drawing) by
+`draw_figure`, as deterministic PNGs that report.html embeds.
 
 Example:
     >>> blocks = [Heading(1, "Title"), Table(["head", "acc"], [["gap", "98.8%"]])]
