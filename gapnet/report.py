@@ -424,6 +424,8 @@ def _sizes_blocks(results: dict[str, Any]) -> list[Block]:
     if not runs:
         return []
     blocks: list[Block] = [Heading(2, "Any input size")]
+    if _n_seeds(results) > 1:  # the sizes are about the head: one model each is measured
+        blocks.append(Paragraph("Measured on each head's model of the first seed."))
     spec = results.get("spec", {})
     n = spec.get("eval_n")
     on = f"{_int(n)} test images" if n else "the test images"

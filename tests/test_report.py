@@ -452,6 +452,8 @@ def test_seeds_give_mean_and_range_columns_and_a_pooled_interval():
     assert cells[-2:] == ["97.5 (97.0–98.0)", "+0.6 (+0.2–+1.0)"]
     fc_row = next(line for line in md.splitlines() if line.startswith("| fc |"))
     assert fc_row.rstrip().endswith("| 96.2 (96.2–96.2) | +3.3 (+3.3–+3.3) |")  # one seed
+    assert "Measured on each head's model of the first seed." in md
+    assert "first seed" not in report.to_markdown(report.report_blocks(FAKE))
 
 
 def test_sweep_seeds_give_mean_and_range_per_size():
