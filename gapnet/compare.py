@@ -328,13 +328,20 @@ def _train(cfg: Any, progress: bool, reuse: bool) -> Any:
 
 
 def _run_entry(
-    name: str, result: Any, out_dir: Path, robust: dict[str, Any] | None
+    name: str, result: Any, out_dir: Path, robust: dict[str, Any] | None, n_test: int
 ) -> dict[str, Any]:
-    """The results.json entry of one trained run (measurements are added by the caller)."""
+    """The results.json entry of one trained run (measurements are added by the caller).
+
+    Its history's test accuracies carry their intervals over the `n_test` test images; the
+    training accuracy of an epoch is the running one over its augmented batches, no count of
+    fixed images, so it has none.
+    """
     metrics = [
-        {"epoch": m["epoch"], "train_acc": m["train_acc"], "test_acc": m["test_acc"]}
+        {"epoch": m["epoch"], "train_acc": m["train_acc"], "test_acc": m["test_acc"],
+         "test_acc_ci": None if m["test_acc"] is None
+         else interval(round(m["test_acc"] * n_test), n_test)}
         for m in result.metrics
-    ]
+    ]  # fmt: skip
     return {
         "name": name,
         "head": result.config.head,
@@ -448,7 +455,7 @@ def run_compare(
                 records.append(_seed_record(result, seed, n_train, len(ds.test)))
                 first = first or result
             assert first is not None  # every variant trains at least one seed
-            entry = _run_entry(name, first, out, robust) | _pooled_fields(records)
+            entry = _run_entry(name, first, out, robust, len(ds.test)) | _pooled_fields(records)
             entry["train_images"] = n_train
             entry["input_size"] = first.model.input_size  # the one size it takes, or None
             entry["has_cam"] = first.model.has_cam

@@ -149,6 +149,7 @@ def test_run_compare_with_seeds_pools_them_and_keeps_each(tmp_path):
     )
     assert fc["sizes"][1] == {"size": 12, "acc": None, "acc_ci": None, "na": "fixed 8x8 input"}
     assert gap["sizes"][1]["acc_ci"]["n"] == 40
+    assert gap["history"][-1]["test_acc_ci"]["n"] == n_test  # per epoch too
     assert results["cam"]["model"] == "gap" and results["cam"]["rows"][0]["loc_acc_ci"]["n"] == 20
     paths = report.write_report(results, tmp_path)
     md = paths["markdown"].read_text()
