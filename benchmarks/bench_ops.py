@@ -367,7 +367,7 @@ def environment(device: str, bandwidth: float | None) -> str:
         versions = f"torch {torch.__version__}, triton {triton.__version__}"
         extra = f", copy bandwidth {bandwidth / 1e12:.2f} TB/s" if bandwidth else ""
     else:
-        from gapnet.report import machine_info
+        from gapnet.compare import machine_info
 
         name = machine_info()["cpu"]
         versions = f"torch {torch.__version__}"

@@ -111,25 +111,6 @@ def _names(text: str) -> tuple[str, ...]:
     return names
 
 
-def _heads(text: str) -> tuple[str, ...]:
-    from gapnet.models import HEADS
-
-    names = _names(text)
-    bad = [h for h in names if h not in HEADS]
-    if bad:
-        raise argparse.ArgumentTypeError(
-            f"unknown head {bad[0]!r}; known heads: {', '.join(HEADS)}"
-        )
-    return names
-
-
-def _pair(text: str) -> tuple[int, int]:
-    values = _ints(text)
-    if len(values) != 2 or values[0] > values[1]:
-        raise argparse.ArgumentTypeError(f"expected MIN,MAX with MIN <= MAX, got {text!r}")
-    return values[0], values[1]
-
-
 # --------------------------------------------------------------------------- images
 
 
@@ -225,9 +206,9 @@ def _option_type(option: Any) -> Callable[[str], Any]:
         if optional and text.strip().lower() == "none":
             return None
         try:
-            if origin is tuple:
-                raw: Any = [v.strip() for v in text.split(",") if v.strip()]
-                raw = [v if args[0] is str else int(v) for v in raw]
+            if origin is tuple:  # "none" (or nothing) is the empty tuple: no sweep, no scales
+                values = [] if text.strip().lower() == "none" else text.split(",")
+                raw: Any = [args[0](v.strip()) for v in values if v.strip()]
             elif origin is dict:
                 raw = json.loads(text)
             else:
@@ -246,7 +227,7 @@ def _metavar(option: Any) -> str:
     args = typing.get_args(hint)
     if typing.get_origin(hint) is tuple:
         return "MIN,MAX" if len(args) == 2 and args[1] is not Ellipsis else "V,V,.."
-    return {int: "N", float: "X", dict: "JSON"}.get(hint, "")
+    return {int: "N", float: "X", dict: "JSON"}.get(typing.get_origin(hint) or hint, "")
 
 
 def add_config_flags(
@@ -275,7 +256,7 @@ def add_config_flags(
         into = groups.get(title) or groups.setdefault(title, p.add_argument_group(title))
         flags = [f"--{option.name.replace('_', '-')}", *(aliases or {}).get(option.name, ())]
         default = option.default
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        shown = (",".join(map(str, default)) or "none") if isinstance(default, tuple) else default
         extra: dict[str, Any] = {"help": f"{option.help} (default {shown!s})".replace("%", "%%")}
         if option.hint is bool:
             extra["action"] = argparse.BooleanOptionalAction
@@ -494,7 +475,7 @@ def cmd_cam(a: argparse.Namespace) -> int:
 
 def cmd_localize(a: argparse.Namespace) -> int:
     """`gapnet localize`: classification and CAM-box accuracy per canvas size."""
-    from gapnet import cam, report
+    from gapnet import cam, compare, report
 
     _set_threads(a.threads)
     model, cfg, _ = _load_model(a.checkpoint)
@@ -513,7 +494,7 @@ def cmd_localize(a: argparse.Namespace) -> int:
         how = "given" if a.threshold_given else "default"
         threshold, region = a.threshold, a.region or "largest"
     rows = [
-        report.localization_row(r)
+        compare.localization_row(r)
         for r in cam.localize(
             model, a.sizes, n=a.n, distractors=a.distractors, threshold=threshold, region=region,
             seed=a.seed, source=source,
@@ -584,29 +565,31 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def _spec_changes(a: argparse.Namespace) -> dict[str, Any]:
-    from gapnet.report import DEMO
+    """CompareSpec fields from the compare flags (flags left out keep the spec's values).
 
-    mapping = {
-        "data": a.data, "model": a.model, "heads": a.heads, "epochs": a.epochs,
-        "batch_size": a.batch_size, "lr": a.lr, "train_size": a.train_size, "seed": a.seed,
-        "threads": a.threads, "train_sizes": a.train_sizes, "sweep_heads": a.sweep_heads,
-        "sweep_steps": a.sweep_steps, "sizes": a.sizes, "canvases": a.canvases,
-        "eval_n": a.eval_n, "cam": a.cam, "loc_n": a.loc_n, "distractors": a.distractors,
-        "threshold": a.threshold, "region": a.region, "cam_examples": a.cam_examples,
-    }  # fmt: skip
-    changes = {k: v for k, v in mapping.items() if v is not None}
+    ``--robust`` is the one flag that is not a field's value: it switches on the demo's robust
+    variant (DEMO.spec.robust, trained with DEMO.spec.robust_head unless --robust-head says).
+    """
+    from gapnet.compare import DEMO, CompareSpec
+
+    given = vars(a)
+    changes = {
+        o.name: given[o.name]
+        for o in CompareSpec.options()
+        if o.name in given and o.name != "robust"
+    }
     if a.robust is not None:
         changes["robust"] = DEMO.spec.robust if a.robust else None
         if a.robust:
-            changes["robust_head"] = DEMO.spec.robust_head
+            changes.setdefault("robust_head", DEMO.spec.robust_head)
     return changes
 
 
 def _run_report(spec: Any, out: str, a: argparse.Namespace, argv: Sequence[str]) -> int:
-    from gapnet import report
+    from gapnet import compare, report
 
     command = f"{PROG} {shlex.join(argv)}"
-    results = report.run_compare(spec, out, command=command, progress=not a.quiet, reuse=a.reuse)
+    results = compare.run_compare(spec, out, command=command, progress=not a.quiet, reuse=a.reuse)
     paths = report.write_report(results, out)
     print(report.summary_text(results))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
@@ -615,7 +598,7 @@ def _run_report(spec: Any, out: str, a: argparse.Namespace, argv: Sequence[str])
 
 def cmd_compare(a: argparse.Namespace) -> int:
     """`gapnet compare`: CompareSpec defaults, then --quick (DEMO.quick), then the flags."""
-    from gapnet.report import DEMO, CompareSpec
+    from gapnet.compare import DEMO, CompareSpec
 
     spec = CompareSpec()
     if a.quick:
@@ -626,7 +609,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 def cmd_demo(a: argparse.Namespace) -> int:
     """`gapnet demo`: the comparison with DEMO's settings (DEMO.quick on top with --quick)."""
-    from gapnet.report import DEMO
+    from gapnet.compare import DEMO
 
     spec = DEMO.spec.replace(**DEMO.quick) if a.quick else DEMO.spec
     if a.threads is not None:
@@ -811,100 +794,16 @@ def _add_image_args(p: argparse.ArgumentParser, onnx: bool = False) -> None:
 
 
 def _add_compare_args(p: argparse.ArgumentParser) -> None:
-    from gapnet.models import list_models
-    from gapnet.report import DEMO, CompareSpec
+    """One flag per CompareSpec field (`add_config_flags`), ``--robust``, and the run flags."""
+    from gapnet.compare import DEMO, CompareSpec
 
-    d = CompareSpec()
-    csv = ",".join
-    g = p.add_argument_group("what to compare")
-    g.add_argument("--data", metavar="SPEC", help=f"dataset (default {d.data})")
-    g.add_argument("--model", choices=list_models(), help=f"backbone (default {d.model})")
-    g.add_argument(
-        "--heads", type=_heads, metavar="H,H,..", help=f"heads to train (default {csv(d.heads)})"
-    )
-    g.add_argument(
+    groups = add_config_flags(p, CompareSpec, skip=("robust",))
+    groups["the robust variant"].add_argument(
         "--robust",
         action=argparse.BooleanOptionalAction,
         help=f"also train the demo's size-robust variant ({DEMO.spec.robust_head} head, "
         f"{DEMO.spec.robust}) (default: no)",
     )
-    g = p.add_argument_group("training (every run)")
-    g.add_argument("--epochs", type=_positive, help=f"(default {d.epochs})")
-    g.add_argument("--batch-size", type=_positive, help=f"(default {d.batch_size})")
-    g.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr:g})")
-    g.add_argument(
-        "--train-size",
-        type=_positive,
-        metavar="N",
-        help="training images of the main runs (default: all)",
-    )
-    g.add_argument("--seed", type=_nonneg, help=f"(default {d.seed})")
-    g.add_argument(
-        "--threads", type=_nonneg, metavar="N", help="torch threads (default: every core)"
-    )
-    g = p.add_argument_group("measurements")
-    g.add_argument(
-        "--train-sizes",
-        type=_ints,
-        metavar="N,N,..",
-        help="overfitting sweep: smaller training sets, 'none' to skip "
-        f"(default {csv(map(str, d.train_sizes))})",
-    )
-    g.add_argument(
-        "--sweep-heads", type=_heads, metavar="H,H,..", help="heads of the sweep (default: --heads)"
-    )
-    g.add_argument(
-        "--sweep-steps",
-        type=_positive,
-        metavar="K",
-        help=f"each sweep run takes at least K steps (default {d.sweep_steps})",
-    )
-    g.add_argument(
-        "--sizes",
-        type=_ints,
-        metavar="S,S,..",
-        help=f"input sizes the test images are rescaled to (default {csv(map(str, d.sizes))})",
-    )
-    g.add_argument(
-        "--canvases",
-        type=_ints,
-        metavar="S,S,..",
-        help=f"canvas sizes the test digits are placed on (default {csv(map(str, d.canvases))})",
-    )
-    g.add_argument(
-        "--eval-n",
-        type=_positive,
-        metavar="N",
-        help=f"test images per size and canvas (default {d.eval_n})",
-    )
-    g.add_argument(
-        "--cam", action=argparse.BooleanOptionalAction, help="the CAM section (default: yes)"
-    )
-    g.add_argument(
-        "--cam-examples",
-        type=_positive,
-        metavar="N",
-        help=f"overlays per grid size (default {d.cam_examples})",
-    )
-    g.add_argument(
-        "--loc-n",
-        type=_positive,
-        metavar="N",
-        help=f"canvases per localization size (default {d.loc_n})",
-    )
-    g.add_argument(
-        "--distractors",
-        type=_nonneg,
-        metavar="D",
-        help="clutter per localization canvas (default 0)",
-    )
-    g.add_argument(
-        "--threshold",
-        type=_fraction,
-        metavar="T",
-        help="CAM box threshold (default: chosen on the validation split)",
-    )
-    _add_region(g, "default: chosen on the validation split with the threshold")
     g = p.add_argument_group("run")
     g.add_argument(
         "--out", default="runs/compare", metavar="DIR", help="report folder (default runs/compare)"
@@ -1023,7 +922,7 @@ def build_parser() -> argparse.ArgumentParser:
         (parameters; train and test accuracy and their gap; accuracy with the test images
         rescaled and placed on larger canvases; the train/test gap on smaller training sets;
         CAM localization of the GAP model) and write report.md, report.html (self-contained),
-        accuracy.svg and results.json to --out, with a summary in the terminal. Every run's
+        results.json and the figures (PNG) to --out, with a summary in the terminal. Every run's
         checkpoint stays in its own sub-folder. --quick starts from the demo's quick settings.""",
         ["gapnet compare --heads fc,gap,gap-fc --epochs 4 --train-sizes 250,1000",
          "gapnet compare --quick --robust --out runs/quick"],
@@ -1033,7 +932,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(
         sub, "demo", "the whole GAP-vs-FC comparison on mnist-5k with the demo settings",
-        """Run `gapnet compare` with the demo settings (gapnet.report.DEMO): several heads on
+        """Run `gapnet compare` with the demo settings (gapnet.compare.DEMO): several heads on
         mnist-5k, a size-robust GeM variant trained on random canvases, a sweep over smaller
         training sets and the CAM section, then write the report to runs/demo. Under five
         minutes on 2 CPU cores; --quick takes about one.""",
@@ -1049,7 +948,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(
         sub, "report", "re-render a comparison's report from its results.json",
-        """Re-render report.md, report.html and accuracy.svg of a finished comparison from its
+        """Re-render report.md, report.html and the figures of a finished comparison from its
         results.json, without training, and print the summary.""",
         ["gapnet report runs/demo"],
     )  # fmt: skip

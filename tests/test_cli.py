@@ -5,6 +5,7 @@ plumbing (exit codes, messages, files written, outputs that parse), not accuracy
 in-process through `main(argv)`; one test runs ``python -m gapnet`` as a user would.
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,8 +14,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from gapnet import data, models, report
+from gapnet import compare, data, models, report
 from gapnet.cli import main
+from gapnet.config import option
 
 COMMANDS = ("train", "eval", "predict", "compare", "demo", "report", "info", "cam", "localize")
 TINY_TRAIN = ["--data", "mnist-5k", "--model", "convnet-tiny", "--epochs", "1",
@@ -84,7 +86,7 @@ USAGE_ERRORS = [
     ("unknown head", ["train", "--head", "mlp"], "--head"),
     ("bad canvas range", ["train", "--canvas", "56,28"], "canvas_size must be (min, max)"),
     ("unknown model", ["info", "resnet"], "MODEL"),
-    ("unknown head in a list", ["compare", "--heads", "fc,mlp"], "unknown head 'mlp'"),
+    ("unknown head in a list", ["compare", "--heads", "fc,mlp"], "--heads: must be one of 'fc'"),
     ("bad size list", ["compare", "--sizes", "20,big"], "--sizes"),
     ("missing checkpoint", ["eval", "--checkpoint", "no/such/run"], "no/such/run"),
     ("missing results", ["report", "no/such/run"], "no results.json"),
@@ -256,12 +258,18 @@ def test_compare_writes_the_report_with_every_section(tmp_path, capsys):
     out_dir = tmp_path / "cmp"
     code, out, _ = run(capsys, "compare", *TINY_COMPARE, "--robust", "--out", out_dir)
     assert code == 0
-    for name in ("report.md", "report.html", "results.json", "accuracy.svg"):
+    for name in (
+        "report.md",
+        "report.html",
+        "results.json",
+        "accuracy_per_epoch.png",
+        "accuracy_vs_size.png",
+    ):
         assert (out_dir / name).is_file(), name
     md = (out_dir / "report.md").read_text()
     for section in ("## Heads", "## Any input size", "## Overfitting", "## Localization"):
         assert section in md
-    robust = f"{report.DEMO.spec.robust_head}-robust"  # --robust: the demo's robust variant
+    robust = f"{compare.DEMO.spec.robust_head}-robust"  # --robust: the demo's robust variant
     assert "n/a (fixed 28x28 input)" in md and robust in md
     results = json.loads((out_dir / "results.json").read_text())
     assert results["command"].startswith("gapnet compare --model convnet-tiny")
@@ -281,15 +289,15 @@ def test_demo_and_quick_take_their_settings_from_DEMO(tmp_path, capsys, monkeypa
         seen.append((spec, str(out), kwargs["command"]))
         return {"format": report.RESULTS_FORMAT, "runs": [], "command": kwargs["command"]}
 
-    monkeypatch.setattr(report, "run_compare", fake_compare)
+    monkeypatch.setattr(compare, "run_compare", fake_compare)
     assert main(["demo", "--out", str(tmp_path / "d")]) == 0
     assert main(["demo", "--quick", "--out", str(tmp_path / "q")]) == 0
     assert main(["compare", "--quick", "--epochs", "7", "--out", str(tmp_path / "c")]) == 0
     capsys.readouterr()
     (full, _, cmd), (quick, _, _), (cmp, _, _) = seen
-    assert full == report.DEMO.spec and cmd == f"gapnet demo --out {tmp_path / 'd'}"
-    assert quick == report.DEMO.spec.replace(**report.DEMO.quick)
-    assert cmp.epochs == 7 and cmp.heads == report.DEMO.quick["heads"] and cmp.robust is None
+    assert full == compare.DEMO.spec and cmd == f"gapnet demo --out {tmp_path / 'd'}"
+    assert quick == compare.DEMO.spec.replace(**compare.DEMO.quick)
+    assert cmp.epochs == 7 and cmp.heads == compare.DEMO.quick["heads"] and cmp.robust is None
     assert (tmp_path / "q" / "report.md").is_file()
 
 
@@ -298,3 +306,57 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     code, _, _ = run(capsys, "demo", "--quick", "--out", tmp_path, "--quiet")
     assert code == 0 and (tmp_path / "report.html").is_file()
     assert "## Localization" in (tmp_path / "report.md").read_text()
+
+
+def _compare_spec(monkeypatch, *argv):
+    """The CompareSpec `gapnet compare argv...` would run (nothing trains)."""
+    seen = []
+    monkeypatch.setattr(compare, "run_compare", lambda spec, out, **kw: seen.append(spec) or {})
+    monkeypatch.setattr(report, "write_report", lambda results, out: {})
+    monkeypatch.setattr(report, "summary_text", lambda results: "")
+    assert main(["compare", *map(str, argv)]) == 0
+    return seen[0]
+
+
+# (the command's flags, the CompareSpec fields they give: documented spellings keep working)
+COMPARE_FLAG_CASES = [
+    (["--heads", "fc,gap", "--epochs", "4", "--train-sizes", "250,1000"],
+     dict(heads=("fc", "gap"), epochs=4, train_sizes=(250, 1000))),
+    (["--quick", "--robust", "--out", "runs/quick"],  # the demo's quick settings and robust run
+     dict(compare.DEMO.quick, robust=compare.DEMO.spec.robust,
+          robust_head=compare.DEMO.spec.robust_head)),
+    (["--robust", "--robust-head", "gap"],  # a head given wins over the demo's
+     dict(robust=compare.DEMO.spec.robust, robust_head="gap")),
+    (["--train-sizes", "none", "--eval-n", "none"], dict(train_sizes=(), eval_n=None)),
+    (["--no-cam", "--threshold", "0.3", "--region", "all"],
+     dict(cam=False, threshold=0.3, region="all")),
+    (["--sweep-train", '{"augmentation": "none"}'], dict(sweep_train={"augmentation": "none"})),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("argv,fields", COMPARE_FLAG_CASES, ids=lambda c: str(c)[:40])
+def test_compare_flags_set_the_spec_fields_of_the_same_name(monkeypatch, argv, fields):
+    assert _compare_spec(monkeypatch, *argv) == compare.CompareSpec(**fields)
+
+
+def test_compare_flags_check_values_by_the_spec_rules(capsys):
+    code, _, err = run(capsys, "compare", "--heads", "fc,fcc")
+    assert code == 2 and "--heads" in err and "'fcc'" in err
+    code, _, err = run(capsys, "compare", "--epochs", "0")
+    assert code == 2 and "--epochs" in err and "must be an int >= 1" in err
+
+
+def test_a_new_compare_spec_field_gets_its_flag_with_no_cli_change(monkeypatch, capsys):
+    @dataclasses.dataclass
+    class Wider(compare.CompareSpec):
+        widgets: int = option(3, low=1)  # widgets per report (a field only this test has)
+
+    monkeypatch.setattr(compare, "CompareSpec", Wider)
+    spec = _compare_spec(monkeypatch, "--widgets", "5", "--epochs", "2")
+    assert isinstance(spec, Wider) and (spec.widgets, spec.epochs) == (5, 2)
+    code, out, _ = run(capsys, "compare", "--help")
+    help_text = " ".join(out.split())  # argparse wraps the help
+    assert (
+        code == 0
+        and "--widgets N widgets per report (a field only this test has) (default 3)" in help_text
+    )

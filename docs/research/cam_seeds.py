@@ -4,7 +4,7 @@ threshold chosen on the validation split, then localization on 300 test canvases
 Usage: PYTHONPATH=. python docs/research/cam_seeds.py SEED [SEED ...]"""
 import json, sys, torch
 from gapnet import cam
-from gapnet.report import DEMO, _train_config
+from gapnet.compare import DEMO, _train_config
 from pathlib import Path
 
 torch.set_num_threads(2)

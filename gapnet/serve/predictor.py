@@ -177,7 +177,7 @@ class Predictor:
 
 def demo_config() -> Any:
     """The TrainConfig of the demo's size-robust model (trained into runs/demo/gem-robust)."""
-    from gapnet.report import DEMO, robust_config
+    from gapnet.compare import DEMO, robust_config
 
     return robust_config(DEMO.spec, DEMO.out)
 
