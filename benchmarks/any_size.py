@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 from gapnet import data, inference
+from gapnet.report import wilson
 from gapnet.train import TrainConfig, train
 
 SIZES = (20, 28, 40, 56, 84, 112, 160, 280)  # test digits rescaled to S x S (160, 280: beyond)
 CANVASES = (28, 56, 112, 224)  # 28-px test digits on S x S blank canvases
-SCALES = (1.0, 0.5, 0.25)  # the multi-scale pyramid, factors of the input side
+SCALES = (2.0, 1.0, 0.5, 0.25, 0.125)  # the multi-scale pyramid, factors of the input side
 
 BASE = dict(data="mnist-5k", model="convnet", epochs=12, batch_size=128, lr=5e-3, threads=2)
 NARROW = {"widths": [16, 32, 64]}
@@ -63,15 +63,6 @@ VARIANTS: dict[str, dict] = {
     # depth without the scale augmentation
     "gem-canvas-4": dict(head="gem", model_overrides=DEEP, **CANVAS),
 }
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of k successes in n trials."""
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return c - h, c + h
 
 
 def eval_sets(n: int | None) -> list[tuple[str, int, data.ImageSet]]:

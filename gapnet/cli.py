@@ -99,8 +99,8 @@ def _scales(text: str) -> tuple[float, ...]:
 
 SCALES_HELP = (
     "test-time multi-scale inference: also run the input rescaled by each factor (levels under "
-    "20 px skipped) and average the class probabilities, e.g. 1,0.5,0.25 (default: one pass at "
-    "the input's own size)"
+    "20 px skipped); each image's most confident level answers, e.g. 2,1,0.5,0.25,0.125 "
+    "(default: one pass at the input's own size)"
 )
 
 

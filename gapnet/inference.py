@@ -54,8 +54,11 @@ def batch_logits(
 ) -> Iterator[tuple[int, Tensor]]:
     """(start, float32 logits (B, K)) for each batch of `images`, model in eval mode, no grad.
 
-    With `scales`, each batch runs at every level of `pyramid` and the logits returned are the
-    log of the levels' mean probabilities (so softmax and argmax read them as usual).
+    With `scales`, each batch runs at every level of `pyramid`, and each image takes the level
+    where it is most confident (the highest top probability): the logits returned are the log
+    of that level's probabilities (so softmax and argmax read them as usual). Averaging the
+    levels instead lets the out-of-range levels outvote the one the model knows
+    (docs/research_any_size.md).
     """
     device = model_device(model)
     fmt = torch.channels_last if is_channels_last(model) else torch.contiguous_format
@@ -71,7 +74,9 @@ def batch_logits(
                     yield start, logits
                 probs.append(logits.softmax(1))
             if scales is not None:
-                yield start, torch.stack(probs).mean(0).clamp_min(1e-30).log()
+                p = torch.stack(probs)  # (L, B, K)
+                best = p.amax(2).argmax(0)  # (B,): each image's most confident level
+                yield start, p[best, torch.arange(len(x), device=device)].clamp_min(1e-30).log()
 
 
 def min_side(model: Any) -> int:
@@ -132,7 +137,7 @@ def evaluate(
         batch_size: images per forward pass.
         amp: run the forward passes under bf16 autocast.
         scales: test-time multi-scale inference: run every level of `pyramid(images, scales)`
-            and average the levels' class probabilities; None: one pass at the input's size.
+            and let each image's most confident level answer; None: one pass at its own size.
 
     Shape:
         images (N, C, H, W), labels (N,) -> (accuracy in [0, 1], loss)

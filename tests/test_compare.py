@@ -160,21 +160,16 @@ def test_run_compare_with_seeds_pools_them_and_keeps_each(tmp_path):
     assert paths["html"].read_text().count('src="data:image/png;base64,') == 4
 
 
-def test_accuracy_table_passes_scales_to_inference_evaluate(monkeypatch):
-    calls = []
-
-    def fake_evaluate(model, images, labels, *, batch_size, **kw):  # inference.evaluate's form
-        calls.append(kw)
-        return 0.75, 0.1
-
-    monkeypatch.setattr(inference, "evaluate", fake_evaluate)
-    model = models.create("convnet-tiny", head="gap")
-    sets = [(28, data.ImageSet(torch.rand(4, 1, 28, 28), torch.arange(4)))]
-    (row,) = compare.accuracy_table(model, sets, scales=(0.75, 1.0))
-    assert calls == [{"scales": (0.75, 1.0)}]
-    assert row["acc"] == 0.75 and (row["acc_ci"]["correct"], row["acc_ci"]["n"]) == (3, 4)
-    compare.accuracy_table(model, sets)  # no scales: the plain call, as before
-    assert calls[-1] == {}
+def test_accuracy_table_with_scales_is_inference_evaluate_with_scales():
+    torch.manual_seed(0)
+    model = models.create("convnet-tiny", head="gap", num_classes=4)
+    x, y = torch.rand(8, 1, 60, 60), torch.arange(8) % 4
+    sets = [(60, data.ImageSet(x, y))]
+    for scales in ((), (2, 1, 0.5)):  # one pass; the pyramid 120, 60, 30 px
+        (row,) = compare.accuracy_table(model, sets, scales=scales)
+        acc, _ = inference.evaluate(model, x, y, scales=scales or None)
+        assert row["acc"] == acc and row["acc_ci"]["n"] == 8, scales
+        assert row["acc_ci"]["correct"] == round(acc * 8)
 
 
 def test_spec_scales_must_be_positive():
