@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from gapnet._shapes import Window2d
-from gapnet.kernels import KERNEL_DTYPES, maps_channels_last
+from gapnet.kernels import KERNEL_DTYPES, empty_like_format, maps_channels_last, offsets_dtype
 
 # A reason that starts with this only keeps backend="auto" off the kernels; "triton" runs anyway.
 AUTO_ONLY = "auto:"
@@ -207,18 +207,11 @@ def _max_pool_op(
 
 @_max_pool_op.register_fake
 def _(x, geom, need_offsets, return_indices):  # type: ignore[no-untyped-def]
-    kernels = _window_kernels()
     win = _window(x, geom)
     shape = (*x.shape[:2], *win.out_size)
-    y = kernels._empty_like_format(x, shape, x.dtype)
-    offsets = (
-        kernels._empty_like_format(x, shape, kernels._offsets_dtype(win))
-        if need_offsets
-        else x.new_empty(0)
-    )
-    indices = (
-        kernels._empty_like_format(x, shape, torch.int64) if return_indices else x.new_empty(0)
-    )
+    y = empty_like_format(x, shape, x.dtype)
+    offsets = empty_like_format(x, shape, offsets_dtype(win)) if need_offsets else x.new_empty(0)
+    indices = empty_like_format(x, shape, torch.int64) if return_indices else x.new_empty(0)
     return y, offsets, indices
 
 
@@ -229,7 +222,7 @@ def _max_pool_bwd_op(gy: Tensor, offsets: Tensor, x: Tensor, geom: list[int]) ->
 
 @_max_pool_bwd_op.register_fake
 def _(gy, offsets, x, geom):  # type: ignore[no-untyped-def]
-    return _window_kernels()._empty_like_format(x, tuple(x.shape), x.dtype)
+    return empty_like_format(x, tuple(x.shape), x.dtype)
 
 
 def _max_setup(ctx, inputs, output):  # type: ignore[no-untyped-def]
@@ -283,7 +276,7 @@ def _avg_pool_op(
 @_avg_pool_op.register_fake
 def _(x, geom, count_include_pad, divisor_override):  # type: ignore[no-untyped-def]
     shape = (*x.shape[:2], *_window(x, geom).out_size)
-    return _window_kernels()._empty_like_format(x, shape, x.dtype)
+    return empty_like_format(x, shape, x.dtype)
 
 
 @torch.library.custom_op("gapnet::avg_pool2d_backward", mutates_args=())
@@ -296,7 +289,7 @@ def _avg_pool_bwd_op(
 
 @_avg_pool_bwd_op.register_fake
 def _(gy, x, geom, count_include_pad, divisor_override):  # type: ignore[no-untyped-def]
-    return _window_kernels()._empty_like_format(x, tuple(x.shape), x.dtype)
+    return empty_like_format(x, tuple(x.shape), x.dtype)
 
 
 def _avg_setup(ctx, inputs, output):  # type: ignore[no-untyped-def]

@@ -74,7 +74,7 @@ VARIANTS = {
 @pytest.fixture(autouse=True)
 def poisoned(monkeypatch):
     """Every output and intermediate buffer of the module starts as garbage, not zeros."""
-    empty = _strided._empty
+    empty = _strided.empty
 
     def poisoned_empty(shape, dtype, device, channels_last):
         t = empty(shape, dtype, device, channels_last)
@@ -82,7 +82,11 @@ def poisoned(monkeypatch):
             return t.fill_(math.nan)
         return t.fill_(True if dtype == torch.bool else 77)
 
-    monkeypatch.setattr(_strided, "_empty", poisoned_empty)
+    def poisoned_like(x4, shape, dtype):
+        return poisoned_empty(shape, dtype, x4.device, _strided.is_channels_last(x4))
+
+    monkeypatch.setattr(_strided, "empty", poisoned_empty)
+    monkeypatch.setattr(_strided, "empty_like_format", poisoned_like)
 
 
 def _set_variant(block_bytes: int, by_index: bool, workers: bool) -> tuple:
