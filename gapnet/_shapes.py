@@ -160,6 +160,19 @@ class Window2d:
         return tuple(counts)
 
 
+def geometry(win: Window2d) -> list[int]:
+    """A Window2d as the list of ints that crosses a custom op's boundary (ops take plain types;
+    under torch.compile with dynamic shapes some of them are symbolic)."""
+    return [*win.kernel, *win.stride, *win.dilation, *win.pad_before, *win.pad_after,
+            *win.out_size, int(win.same)]  # fmt: skip
+
+
+def window_of(in_size: Sequence[int], geom: Sequence[int]) -> Window2d:
+    """The inverse of `geometry`, for an input of (H, W) `in_size`."""
+    k, s, d, before, after, out = (tuple(geom[i : i + 2]) for i in range(0, 12, 2))
+    return Window2d((in_size[0], in_size[1]), k, s, d, before, after, out, bool(geom[12]))  # type: ignore[arg-type]
+
+
 def tap_span(win: Window2d, axis: int, a: int) -> tuple[int, int]:
     """[lo, hi): the outputs along `axis` whose tap `a` lies inside the input (lo >= hi: none).
 

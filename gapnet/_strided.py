@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gapnet._shapes import Window2d, tap_span
+from gapnet._shapes import Window2d, geometry, tap_span, window_of
 from gapnet.kernels import acc_dtype, empty, empty_like_format, is_channels_last, offsets_dtype
 
 # Input bytes per block of planes on CPU: a block, its intermediate and its output stay in
@@ -611,6 +611,10 @@ def max_pool2d(x4: Tensor, win: Window2d, return_indices: bool = False) -> tuple
         >>> y.flatten().tolist(), idx.flatten().tolist()
         ([5.0, 7.0, 13.0, 15.0], [5, 7, 13, 15])
     """
+    if torch.compiler.is_compiling():  # one graph node (see "torch.compile" below)
+        need = return_indices or (torch.is_grad_enabled() and x4.requires_grad)
+        y, indices = _max_pool_op(x4, geometry(win), need)
+        return y, (indices if return_indices else None)
     if torch.is_grad_enabled() and x4.requires_grad:
         out = _MaxPool2d.apply(x4, win, return_indices)
         return (out[0], out[1]) if return_indices else (out, None)
@@ -776,9 +780,101 @@ def avg_pool2d(
         >>> avg_pool2d(x, window2d("avg_pool2d", (4, 4), 2)).flatten().tolist()
         [2.5, 4.5, 10.5, 12.5]
     """
+    if torch.compiler.is_compiling():  # one graph node (see "torch.compile" below)
+        return _avg_pool_op(x4, geometry(win), count_include_pad, divisor_override)
     if torch.is_grad_enabled() and x4.requires_grad:
         return _AvgPool2d.apply(x4, win, count_include_pad, divisor_override)
     return _avg_forward(x4, win, count_include_pad, divisor_override)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+# Dynamo cannot trace these pools (dozens of view ops chosen by Python over cached taps, run on
+# worker threads), so while torch.compile traces, each pool and its backward is one
+# `torch.library.custom_op` with a fake (shape-only) implementation: a compiled model keeps
+# them as single graph nodes, with no graph break, and runs the very eager code inside. The
+# backward of the max scatters by flat indices (the CPU rule of `_by_indices`, on any device).
+# Double backward through a compiled graph is not supported (eager mode supports it).
+
+
+def _in_window(x: Tensor, geom: list[int]) -> Window2d:
+    return window_of((x.shape[2], x.shape[3]), geom)
+
+
+@torch.library.custom_op("gapnet::strided_max_pool2d", mutates_args=())
+def _max_pool_op(x: Tensor, geom: list[int], need_indices: bool) -> tuple[Tensor, Tensor]:
+    y, _, indices = _max_forward(x, _in_window(x, geom), False, need_indices)
+    return y, x.new_empty(0, dtype=torch.int64) if indices is None else indices
+
+
+@_max_pool_op.register_fake
+def _(x: Tensor, geom: list[int], need_indices: bool) -> tuple[Tensor, Tensor]:
+    shape = (*x.shape[:2], *geom[10:12])
+    indices = empty_like_format(x, shape, torch.int64) if need_indices else None
+    return empty_like_format(x, shape, x.dtype), (
+        x.new_empty(0, dtype=torch.int64) if indices is None else indices
+    )
+
+
+@torch.library.custom_op("gapnet::strided_max_pool2d_backward", mutates_args=())
+def _max_pool_bwd_op(gy: Tensor, indices: Tensor, x: Tensor, geom: list[int]) -> Tensor:
+    return _scatter_by_indices(gy, indices, _in_window(x, geom), is_channels_last(x))
+
+
+@_max_pool_bwd_op.register_fake
+def _(gy: Tensor, indices: Tensor, x: Tensor, geom: list[int]) -> Tensor:
+    return empty(tuple(x.shape), gy.dtype, x.device, is_channels_last(x))
+
+
+def _max_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, geom, _ = inputs
+    ctx.geom = geom
+    ctx.save_for_backward(x, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _max_backward(ctx: Any, gy: Tensor, _gindices: Tensor) -> tuple:
+    x, indices = ctx.saved_tensors
+    return _max_pool_bwd_op(gy, indices, x, ctx.geom), None, None
+
+
+_max_pool_op.register_autograd(_max_backward, setup_context=_max_setup)
+
+
+@torch.library.custom_op("gapnet::strided_avg_pool2d", mutates_args=())
+def _avg_pool_op(x: Tensor, geom: list[int], cip: bool, divisor_override: int | None) -> Tensor:
+    return _avg_forward(x, _in_window(x, geom), cip, divisor_override)
+
+
+@_avg_pool_op.register_fake
+def _(x: Tensor, geom: list[int], cip: bool, divisor_override: int | None) -> Tensor:
+    return empty_like_format(x, (*x.shape[:2], *geom[10:12]), x.dtype)
+
+
+@torch.library.custom_op("gapnet::strided_avg_pool2d_backward", mutates_args=())
+def _avg_pool_bwd_op(
+    gy: Tensor, x: Tensor, geom: list[int], cip: bool, divisor_override: int | None
+) -> Tensor:
+    win = _in_window(x, geom)
+    return _avg_backward(gy, win, cip, divisor_override, is_channels_last(x))
+
+
+@_avg_pool_bwd_op.register_fake
+def _(gy: Tensor, x: Tensor, geom: list[int], cip: bool, divisor_override: int | None) -> Tensor:
+    return empty(tuple(x.shape), gy.dtype, x.device, is_channels_last(x))
+
+
+def _avg_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    x, geom, cip, divisor_override = inputs
+    ctx.args = (geom, cip, divisor_override)
+    ctx.save_for_backward(x)  # for its shape and memory format: a view, no copy
+
+
+def _avg_backward_op(ctx: Any, gy: Tensor) -> tuple:
+    (x,) = ctx.saved_tensors
+    return _avg_pool_bwd_op(gy, x, *ctx.args), None, None, None
+
+
+_avg_pool_op.register_autograd(_avg_backward_op, setup_context=_avg_setup)
 
 
 # ----------------------------------------------------------------------------- dispatch
