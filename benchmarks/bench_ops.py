@@ -7,9 +7,11 @@ CUDA-graph replays for inputs under 32 MiB, where launch overhead dominates; eac
 fraction of the bytes-moved floor at the measured copy bandwidth; peak memory of max pool
 forward+backward; and a NiN training step with gapnet's kernels vs PyTorch's pooling.
 
-CPU (``--device cpu``): gapnet (backend "auto") vs PyTorch eager with the same threads,
-fp32, NCHW and channels_last, forward and forward+backward, median wall time of runs
-interleaved with PyTorch's (see `cpu_times`).
+CPU (``--device cpu``): gapnet (backend "auto"), PyTorch eager, ``torch.compile`` of PyTorch's
+op and ``torch.compile`` of gapnet's op, with the same threads, fp32, NCHW and channels_last,
+forward and forward+backward, median wall time of runs interleaved with each other (see
+`cpu_times`), and gapnet's time as a fraction of the bytes-moved floor at the measured CPU copy
+bandwidth (`cpu_copy_bandwidth`). The peer to beat is the faster of eager and compile.
 
 Prints one table last and appends it to ``benchmarks/RESULTS.md`` with the device, versions,
 date and git revision. Inputs are random normal (never zeros).
@@ -150,6 +152,15 @@ def gpu_time(fn: Callable[[], object], graph: bool) -> float:
     return do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e-3
 
 
+def cpu_copy_bandwidth() -> float:
+    """Bytes per second of a 256 MiB CPU copy with PyTorch's threads, reads and writes counted
+    (median of interleaved-style repeats: the VM is shared)."""
+    src = torch.randn(64 * MiB)
+    dst = torch.empty_like(src)
+    seconds = cpu_times({"copy": lambda: dst.copy_(src)}, budget=1.0)["copy"]
+    return 2 * src.numel() * src.element_size() / seconds
+
+
 def copy_bandwidth() -> float:
     """Bytes per second of a 1 GiB device-to-device copy, counting reads and writes."""
     src = torch.randn(256 * MiB, device="cuda")
@@ -192,7 +203,8 @@ def time_impl(case, op, x, extra, device, bandwidth) -> dict:
 def cpu_row(case: Case, impls: dict, x: torch.Tensor, extra: dict) -> dict:
     """CPU forward and forward+backward medians of every implementation, timed interleaved."""
     xg = x.detach().requires_grad_(True)
-    g = torch.randn_like(pytorch_op(case, x, extra))
+    y = pytorch_op(case, x, extra)
+    g = torch.randn_like(y)
     fwd = {name: (lambda op=op: op(case, x, extra)) for name, op in impls.items()}
     both = {
         name: (lambda op=op: torch.autograd.grad(op(case, xg, extra), grad_inputs(xg, extra), g))
@@ -202,7 +214,16 @@ def cpu_row(case: Case, impls: dict, x: torch.Tensor, extra: dict) -> dict:
     for part, fns in (("fwd", fwd), ("fwd+bwd", both)):
         for name, seconds in cpu_times(fns).items():
             row[f"{name} {part}"] = seconds
+    forward = floor_bytes(case, x, y, backward=False)
+    row["floor fwd"] = forward
+    row["floor fwd+bwd"] = forward + floor_bytes(case, x, y, backward=True)  # + gy in, gx out
     return row
+
+
+def compiled(case: Case, op: Callable) -> Callable:
+    """torch.compile (Inductor, static shapes) of `op` on this case, as a bench impl."""
+    fn = torch.compile(lambda x, e: op(case, x, e), dynamic=False)
+    return lambda case, x, e: fn(x, e)
 
 
 def run_row(case, dtype, channels_last, device, bandwidth, compile_too) -> dict:
@@ -213,11 +234,14 @@ def run_row(case, dtype, channels_last, device, bandwidth, compile_too) -> dict:
     }  # fmt: skip
     impls = {"gapnet": gapnet_op, "eager": pytorch_op}
     if device == "cpu":
+        if compile_too:
+            torch._dynamo.reset()  # every row compiles afresh, within the cache's limits
+            impls["compile"] = compiled(case, pytorch_op)
+            impls["compile gapnet"] = compiled(case, gapnet_op)
         row.update(cpu_row(case, impls, x, extra))
         return row
     if compile_too:
-        compiled = torch.compile(lambda x, e: pytorch_op(case, x, e), dynamic=False)
-        impls["compile"] = lambda case, x, e: compiled(x, e)
+        impls["compile"] = compiled(case, pytorch_op)
     for name, op in impls.items():
         for key, value in time_impl(case, op, x, extra, device, bandwidth).items():
             row[f"{name} {key}"] = value
@@ -311,19 +335,34 @@ def call_overhead(device: str) -> str:
 # ----------------------------------------------------------------------------- the table
 
 
-def format_table(rows: list[dict], device: str) -> str:
-    if device == "cpu":
-        head = ["case", "shape", "layout", "gapnet fwd ms", "torch fwd ms", "speedup",
-                "gapnet f+b ms", "torch f+b ms", "speedup"]  # fmt: skip
-        lines = []
-        for r in rows:
+CPU_IMPLS = ("gapnet", "eager", "compile", "compile gapnet")
+
+
+def cpu_lines(rows: list[dict], bandwidth: float) -> list[list[str]]:
+    """One line per row and pass: ms of each impl, gapnet vs the faster peer, floor fraction."""
+    lines = []
+    for r in rows:
+        for part in ("fwd", "fwd+bwd"):
+            times = [r.get(f"{name} {part}") for name in CPU_IMPLS]
+            peer = min(t for t in times[1:3] if t is not None)
+            best_gapnet = min(t for t in (times[0], times[3]) if t is not None)
+            floor = r[f"floor {part}"] / bandwidth
             lines.append([
-                r["label"], r["shape"], r["layout"],
-                f"{r['gapnet fwd'] * 1e3:.3f}", f"{r['eager fwd'] * 1e3:.3f}",
-                f"{r['eager fwd'] / r['gapnet fwd']:.2f}x",
-                f"{r['gapnet fwd+bwd'] * 1e3:.3f}", f"{r['eager fwd+bwd'] * 1e3:.3f}",
-                f"{r['eager fwd+bwd'] / r['gapnet fwd+bwd']:.2f}x",
+                r["label"], r["shape"], r["layout"], part,
+                *("-" if t is None else f"{t * 1e3:.3f}" for t in times),
+                f"{peer / times[0]:.2f}x", f"{peer / best_gapnet:.2f}x",
+                f"{floor / times[0]:.2f}",
             ])  # fmt: skip
+    return lines
+
+
+def format_table(rows: list[dict], device: str, bandwidth: float | None = None) -> str:
+    if device == "cpu":
+        assert bandwidth is not None
+        head = ["case", "shape", "layout", "pass", "gapnet ms", "eager ms", "compile ms",
+                "compile(gapnet) ms", "gapnet vs peer", "best gapnet vs peer",
+                "gapnet / floor"]  # fmt: skip
+        lines = cpu_lines(rows, bandwidth)
     else:
         head = ["case", "dtype", "layout", "pass", "gapnet us (floor)", "eager us (floor)",
                 "compile us (floor)", "vs eager", "vs compile", "graph us g/e/c"]  # fmt: skip
@@ -372,6 +411,8 @@ def environment(device: str, bandwidth: float | None) -> str:
         name = machine_info()["cpu"]
         versions = f"torch {torch.__version__}"
         extra = f", {torch.get_num_threads()} threads, {os.cpu_count()} cores"
+        if bandwidth:
+            extra += f", copy bandwidth {bandwidth / 1e9:.1f} GB/s (read+write)"
     date = datetime.date.today().isoformat()
     return f"{name}; {versions}; {date}; git {rev}{extra}"
 
@@ -388,14 +429,14 @@ def main() -> None:
         sys.exit("--device cuda: no CUDA GPU here")
     cases = [c for c in (GPU_CASES if device == "cuda" else CPU_CASES) if args.only in c.label]
     dtypes = (torch.float32, torch.bfloat16) if device == "cuda" else (torch.float32,)
-    bandwidth = copy_bandwidth() if device == "cuda" else None
+    bandwidth = copy_bandwidth() if device == "cuda" else cpu_copy_bandwidth()
     rows = []
     for case in cases:
         for dtype in dtypes:
             for channels_last in (False, True):
                 try:
                     row = run_row(case, dtype, channels_last, device, bandwidth,
-                                  device == "cuda" and not args.no_compile)  # fmt: skip
+                                  not args.no_compile)  # fmt: skip
                 except Exception as error:  # one broken row must not lose the table
                     print(f"FAILED {case.label} {dtype} cl={channels_last}: {error!r}")
                     continue
@@ -412,7 +453,7 @@ def main() -> None:
                     f"gapnet {r['gapnet peak MiB']:.0f} MiB, eager {r['eager peak MiB']:.0f} MiB"
                 )
     title = f"{device.upper()} pooling ops: {environment(device, bandwidth)}"
-    publish(title, [format_table(rows, device), *notes], save=not args.no_save)
+    publish(title, [format_table(rows, device, bandwidth), *notes], save=not args.no_save)
 
 
 def publish(title: str, blocks: list[str], save: bool) -> None:

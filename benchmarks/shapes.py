@@ -97,6 +97,23 @@ CPU_CASES = [
         {"kernel_size": 3, "stride": 1, "padding": 1},
     ),
     Case("densenet transition b8", "avg_pool2d", (8, 256, 56, 56), {"kernel_size": 2, "stride": 2}),
+    # issue 13's rows: a small 2x2 map (where compile led) and a large-batch GAP
+    Case("small 2x2 maxpool b16", "max_pool2d", (16, 96, 30, 30), {"kernel_size": 2, "stride": 2}),
+    Case("resnet50 head b64", "global_pool2d", (64, 2048, 7, 7), {"kind": "avg"}),
+    # odd sizes and channel counts: no vector-width multiple anywhere
+    Case(
+        "odd maxpool 3x3 s2",
+        "max_pool2d",
+        (4, 67, 57, 43),
+        {"kernel_size": 3, "stride": 2, "padding": 1},
+    ),
+    Case("odd maxpool 2x2", "max_pool2d", (8, 37, 31, 29), {"kernel_size": 2, "stride": 2}),
+    Case(
+        "odd avgpool 3x3 s1",
+        "avg_pool2d",
+        (8, 45, 27, 33),
+        {"kernel_size": 3, "stride": 1, "padding": 1},
+    ),
     Case(
         "inception branch avgpool b8",
         "avg_pool2d",

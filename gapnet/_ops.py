@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gapnet._shapes import Window2d
-from gapnet.kernels import KERNEL_DTYPES, maps_channels_last
+from gapnet._shapes import Window2d, geometry, window_of
+from gapnet.kernels import KERNEL_DTYPES, empty_like_format, maps_channels_last, offsets_dtype
 
 # A reason that starts with this only keeps backend="auto" off the kernels; "triton" runs anyway.
 AUTO_ONLY = "auto:"
@@ -67,14 +67,8 @@ def _none_if_empty(t: Tensor) -> Tensor | None:
 # A Window2d crosses the custom-op boundary as a list of ints (ops take only plain types).
 
 
-def _geom(win: Window2d) -> list[int]:
-    return [*win.kernel, *win.stride, *win.dilation, *win.pad_before, *win.pad_after,
-            *win.out_size, int(win.same)]  # fmt: skip
-
-
 def _window(x: Tensor, geom: list[int]) -> Window2d:
-    k, s, d, before, after, out = (tuple(geom[i : i + 2]) for i in range(0, 12, 2))
-    return Window2d((x.shape[2], x.shape[3]), k, s, d, before, after, out, bool(geom[12]))  # type: ignore[arg-type]
+    return window_of((x.shape[2], x.shape[3]), geom)
 
 
 # ----------------------------------------------------------------------------- global pooling
@@ -207,18 +201,11 @@ def _max_pool_op(
 
 @_max_pool_op.register_fake
 def _(x, geom, need_offsets, return_indices):  # type: ignore[no-untyped-def]
-    kernels = _window_kernels()
     win = _window(x, geom)
     shape = (*x.shape[:2], *win.out_size)
-    y = kernels._empty_like_format(x, shape, x.dtype)
-    offsets = (
-        kernels._empty_like_format(x, shape, kernels._offsets_dtype(win))
-        if need_offsets
-        else x.new_empty(0)
-    )
-    indices = (
-        kernels._empty_like_format(x, shape, torch.int64) if return_indices else x.new_empty(0)
-    )
+    y = empty_like_format(x, shape, x.dtype)
+    offsets = empty_like_format(x, shape, offsets_dtype(win)) if need_offsets else x.new_empty(0)
+    indices = empty_like_format(x, shape, torch.int64) if return_indices else x.new_empty(0)
     return y, offsets, indices
 
 
@@ -229,7 +216,7 @@ def _max_pool_bwd_op(gy: Tensor, offsets: Tensor, x: Tensor, geom: list[int]) ->
 
 @_max_pool_bwd_op.register_fake
 def _(gy, offsets, x, geom):  # type: ignore[no-untyped-def]
-    return _window_kernels()._empty_like_format(x, tuple(x.shape), x.dtype)
+    return empty_like_format(x, tuple(x.shape), x.dtype)
 
 
 def _max_setup(ctx, inputs, output):  # type: ignore[no-untyped-def]
@@ -251,7 +238,7 @@ def max_pool2d(x: Tensor, win: Window2d, return_indices: bool) -> tuple[Tensor, 
     """Max pool of an NCHW-logical tensor on the kernels: (y, int64 indices or None)."""
     if torch.compiler.is_compiling():
         need = torch.is_grad_enabled() and x.requires_grad
-        y, _, indices = _max_pool_op(x, _geom(win), need, return_indices)
+        y, _, indices = _max_pool_op(x, geometry(win), need, return_indices)
         return y, (indices if return_indices else None)
     return _MaxPool.apply(x, win, return_indices)
 
@@ -283,7 +270,7 @@ def _avg_pool_op(
 @_avg_pool_op.register_fake
 def _(x, geom, count_include_pad, divisor_override):  # type: ignore[no-untyped-def]
     shape = (*x.shape[:2], *_window(x, geom).out_size)
-    return _window_kernels()._empty_like_format(x, shape, x.dtype)
+    return empty_like_format(x, shape, x.dtype)
 
 
 @torch.library.custom_op("gapnet::avg_pool2d_backward", mutates_args=())
@@ -296,7 +283,7 @@ def _avg_pool_bwd_op(
 
 @_avg_pool_bwd_op.register_fake
 def _(gy, x, geom, count_include_pad, divisor_override):  # type: ignore[no-untyped-def]
-    return _window_kernels()._empty_like_format(x, tuple(x.shape), x.dtype)
+    return empty_like_format(x, tuple(x.shape), x.dtype)
 
 
 def _avg_setup(ctx, inputs, output):  # type: ignore[no-untyped-def]
@@ -318,7 +305,7 @@ def avg_pool2d(
 ) -> Tensor:
     """Average pool of an NCHW-logical tensor on the kernels."""
     if torch.compiler.is_compiling():
-        return _avg_pool_op(x, _geom(win), count_include_pad, divisor_override)
+        return _avg_pool_op(x, geometry(win), count_include_pad, divisor_override)
     return _AvgPool.apply(x, win, count_include_pad, divisor_override)
 
 

@@ -160,6 +160,51 @@ class Window2d:
         return tuple(counts)
 
 
+def geometry(win: Window2d) -> list[int]:
+    """A Window2d as the list of ints that crosses a custom op's boundary (ops take plain types;
+    under torch.compile with dynamic shapes some of them are symbolic)."""
+    return [*win.kernel, *win.stride, *win.dilation, *win.pad_before, *win.pad_after,
+            *win.out_size, int(win.same)]  # fmt: skip
+
+
+def window_of(in_size: Sequence[int], geom: Sequence[int]) -> Window2d:
+    """The inverse of `geometry`, for an input of (H, W) `in_size`."""
+    k, s, d, before, after, out = (tuple(geom[i : i + 2]) for i in range(0, 12, 2))
+    return Window2d((in_size[0], in_size[1]), k, s, d, before, after, out, bool(geom[12]))  # type: ignore[arg-type]
+
+
+def tap_span(win: Window2d, axis: int, a: int) -> tuple[int, int]:
+    """[lo, hi): the outputs along `axis` whose tap `a` lies inside the input (lo >= hi: none).
+
+    Output i's tap a reads ``i*stride - pad_before + a*dilation``; O(1), whatever the size.
+    """
+    size, s = win.in_size[axis], win.stride[axis]
+    first = a * win.dilation[axis] - win.pad_before[axis]  # input position of output 0's tap
+    return max(0, -(first // s)), min(win.out_size[axis], (size - 1 - first) // s + 1)
+
+
+def windows_touch_input(win: Window2d, axis: int) -> bool:
+    """Whether every window along `axis` holds at least one real (non-padding) cell.
+
+    The union of the kernel's tap spans must cover all outputs: O(kernel^2) work, never a loop
+    over the outputs, so that the check of a huge plane costs what a small one does (and no
+    sort: torch.compile traces this with symbolic sizes).
+    """
+    spans = [tap_span(win, axis, a) for a in range(win.kernel[axis])]
+    reached = 0  # outputs [0, reached) are covered so far
+    for _ in spans:  # k rounds of extending the covered run by the spans that touch it
+        for lo, hi in spans:
+            if lo <= reached < hi:
+                reached = hi
+    return reached >= win.out_size[axis]
+
+
+def check_pool_channels(channels: int, op: str) -> None:
+    """As PyTorch's max and avg pools: N may be 0 (an empty result), C may not, on any backend."""
+    if channels < 1:
+        raise ValueError(f"{op}: input must have at least one channel, got C={channels}")
+
+
 def _same_padding(size: int, k: int, s: int, d: int) -> tuple[int, int, int]:
     """Keras/TensorFlow "same": out = ceil(in / stride), the odd cell of padding after."""
     out = -(-size // s)
@@ -190,7 +235,9 @@ def window2d(
     Not cached here: `gapnet.functional` keeps each validated call's outcome, windows included.
     """
     kernel = pair(kernel_size, "kernel_size")
-    strides = kernel if stride is None else pair(stride, "stride")
+    # PyTorch reads an empty stride, `stride=()` or `[]`, as "the kernel size", like None
+    no_stride = stride is None or (isinstance(stride, Sequence) and len(stride) == 0)
+    strides = kernel if no_stride else pair(stride, "stride")  # type: ignore[arg-type]
     dil = pair(dilation, "dilation")
     same = False
     if isinstance(padding, str):
@@ -231,7 +278,7 @@ def window2d(
     for axis in (0, 1):
         # Dilation can step over every real cell (PyTorch then returns -inf and its backward
         # corrupts memory): such a window has no value to pool, so refuse it.
-        if min(window.divisors(False, axis)) == 0:
+        if not windows_touch_input(window, axis):
             raise ValueError(
                 f"{op}: a window would hold only padding: input {in_size[0]}x{in_size[1]} with "
                 f"kernel_size={kernel}, padding={padding!r}, dilation={dil}"

@@ -41,7 +41,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gapnet._shapes import Window2d
+from gapnet._shapes import Window2d, geometry, tap_span, window_of
+from gapnet.kernels import acc_dtype, empty, empty_like_format, is_channels_last, offsets_dtype
 
 # Input bytes per block of planes on CPU: a block, its intermediate and its output stay in
 # cache across all the taps instead of streaming from memory once per tap (2-core AMD EPYC:
@@ -67,15 +68,12 @@ class _Tap:
 @functools.lru_cache(maxsize=64)
 def _taps(win: Window2d, axis: int) -> tuple[_Tap, ...]:
     """The taps along `axis` that some output reads inside the input (padding-only ones dropped)."""
-    size, k, s, d = win.in_size[axis], win.kernel[axis], win.stride[axis], win.dilation[axis]
-    out, pad = win.out_size[axis], win.pad_before[axis]
+    first = -win.pad_before[axis]  # input position of output 0's tap 0
     taps = []
-    for a in range(k):
-        first = a * d - pad  # input position of output 0's tap
-        lo = max(0, -(first // s))
-        hi = min(out, (size - 1 - first) // s + 1)
+    for a in range(win.kernel[axis]):
+        lo, hi = tap_span(win, axis, a)
         if hi > lo:
-            taps.append(_Tap(a, lo, hi, lo * s + first))
+            taps.append(_Tap(a, lo, hi, lo * win.stride[axis] + first + a * win.dilation[axis]))
     return tuple(taps)
 
 
@@ -90,28 +88,10 @@ def _full_tap(taps: tuple[_Tap, ...], out: int) -> _Tap | None:
     return next((t for t in taps if t.lo == 0 and t.hi == out), None)
 
 
-def _is_channels_last(t: Tensor) -> bool:
-    """C is the unit stride (an NHWC tensor seen as NCHW)."""
-    s = t.stride()
-    return t.dim() == 4 and s[1] == 1 and s[3] != 1 and t.shape[1] > 1
-
-
-def _empty(
-    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, channels_last: bool
-) -> Tensor:
-    fmt = torch.channels_last if channels_last and len(shape) == 4 else torch.contiguous_format
-    return torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
-
-
-def _empty_like_format(x4: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """An output in the input's memory format (channels_last in, channels_last out)."""
-    return _empty(shape, dtype, x4.device, _is_channels_last(x4))
-
-
 def _planes(t: Tensor) -> Tensor | None:
     """(N, C, H, W) as an (N*C, H, W) view of the same memory, or None where N and C don't merge."""
     n, c, h, w = t.shape
-    if _is_channels_last(t) or not (n == 1 or c == 1 or t.stride(0) == t.stride(1) * c):
+    if is_channels_last(t) or not (n == 1 or c == 1 or t.stride(0) == t.stride(1) * c):
         return None
     return t.view(n * c, h, w)
 
@@ -267,7 +247,7 @@ def _column_phases(x: Tensor, win: Window2d, taps: tuple[_Tap, ...]) -> Reader |
         r = t.start % sw
         if r not in phases:
             cols = x[..., r::sw]
-            phases[r] = _empty_like_format(x, tuple(cols.shape), x.dtype).copy_(cols)
+            phases[r] = empty_like_format(x, tuple(cols.shape), x.dtype).copy_(cols)
     return lambda t: _view(phases[t.start % sw], -1, t.start // sw, t.hi - t.lo)
 
 
@@ -309,16 +289,9 @@ def _separable(
         mid = read1(full)  # a 1-tap axis: a view, no pass
     else:
         shape = (*src.shape[:-2], oh, w) if rows_first else (*src.shape[:-2], h, ow)
-        mid = _empty_like_format(src, shape, mid_dtype)
+        mid = empty_like_format(src, shape, mid_dtype)
         one_pass(read1, taps1, dim1, mid)
     one_pass(_reader(mid, dim2, win.stride[ax2]), taps[ax2], dim2, dst)
-
-
-def _offsets_dtype(win: Window2d) -> torch.dtype:
-    taps = win.kernel[0] * win.kernel[1]
-    if taps <= 256:
-        return torch.uint8
-    return torch.int16 if taps <= 32767 else torch.int32
 
 
 def _tap_view(t: Tensor, th: _Tap, tw: _Tap, win: Window2d) -> Tensor:
@@ -419,9 +392,9 @@ def _max_forward(
     """y (N, C, OH, OW) in x4's memory format and, on request, each output's chosen tap as an
     offset a*kw + b and as a flat h*W + w index (PyTorch's return_indices)."""
     shape = (*x4.shape[:2], *win.out_size)
-    y = _empty_like_format(x4, shape, x4.dtype)
-    off = _empty_like_format(x4, shape, _offsets_dtype(win)) if need_offsets else None
-    indices = _empty_like_format(x4, shape, torch.int64) if need_indices else None
+    y = empty_like_format(x4, shape, x4.dtype)
+    off = empty_like_format(x4, shape, offsets_dtype(win)) if need_offsets else None
+    indices = empty_like_format(x4, shape, torch.int64) if need_indices else None
     taps = (_taps(win, 0), _taps(win, 1))
     ends = None
     if indices is not None:  # float keys hold flat indices exactly below 2**24
@@ -442,15 +415,28 @@ def _max_forward(
     return y, off, indices
 
 
-@functools.lru_cache(maxsize=256)  # a Python loop over the input side, on every backward
+@functools.lru_cache(maxsize=256)
 def _reads(taps: tuple[_Tap, ...], size: int, stride: int) -> tuple[bool, bool]:
     """(disjoint, covering) along one axis: no input position is read by two (output, tap)
-    pairs; every input position is read by one. Both: a backward can write, not accumulate."""
-    count = [0] * size
+    pairs; every input position is read by one. Both: a backward can write, not accumulate.
+
+    Each tap reads the positions ``start + i*stride``: a run of one residue class mod stride.
+    O(taps^2) work, whatever the size (the first call on a huge plane stays quick).
+    """
+    runs: dict[int, list[tuple[int, int]]] = {}  # residue -> [first, last] indices j of its runs
     for t in taps:
-        for i in range(t.hi - t.lo):
-            count[t.start + i * stride] += 1
-    return max(count) <= 1, min(count) >= 1
+        j = t.start // stride
+        runs.setdefault(t.start % stride, []).append((j, j + t.hi - t.lo))
+    disjoint, covering = True, len(runs) >= min(stride, size)
+    for residue, spans in runs.items():
+        spans.sort()
+        reached = 0  # indices [0, reached) of this residue class are read so far
+        for lo, hi in spans:
+            disjoint = disjoint and lo >= reached
+            covering = covering and lo <= reached
+            reached = max(reached, hi)
+        covering = covering and reached >= (size - 1 - residue) // stride + 1
+    return disjoint, covering
 
 
 def _max_scatter(gy: Tensor, off: Tensor, win: Window2d, channels_last: bool) -> Tensor:
@@ -468,8 +454,8 @@ def _max_scatter(gy: Tensor, off: Tensor, win: Window2d, channels_last: bool) ->
     # windows that share no cell: every input cell is one tap of at most one window, so each
     # tap writes its cells instead of adding to them (and, covering, no zero fill is needed)
     disjoint = dis_h and dis_w
-    acc = gy.dtype if disjoint else _acc_dtype(gy.dtype)
-    gx = _empty((*gy.shape[:2], *win.in_size), acc, gy.device, channels_last)
+    acc = gy.dtype if disjoint else acc_dtype(gy.dtype)
+    gx = empty((*gy.shape[:2], *win.in_size), acc, gy.device, channels_last)
     if not (disjoint and cov_h and cov_w):
         gx.zero_()
     finite = bool(torch.isfinite(gy.sum(dtype=torch.float64)))
@@ -505,7 +491,7 @@ def _max_gather(ggx: Tensor, off: Tensor, win: Window2d) -> Tensor:
     """The adjoint of `_max_scatter`: each output takes the value at its chosen tap."""
     taps = (_taps(win, 0), _taps(win, 1))
     kw = win.kernel[1]
-    ggy = _empty_like_format(off, tuple(off.shape), ggx.dtype)
+    ggy = empty_like_format(off, tuple(off.shape), ggx.dtype)
     mask = torch.empty(off.shape, dtype=torch.bool, device=off.device)
     for th in taps[0]:
         for tw in taps[1]:
@@ -524,8 +510,8 @@ def _scatter_by_indices(gy: Tensor, indices: Tensor, win: Window2d, channels_las
     ResNet stem (8, 64, 112, 112), 1.9 ms against 10.6 (PyTorch's own backward: 2.2).
     """
     (n, c), (h, w), (oh, ow) = gy.shape[:2], win.in_size, win.out_size
-    acc = _acc_dtype(gy.dtype)
-    gx = _empty((n, c, h, w), acc, gy.device, channels_last).zero_()
+    acc = acc_dtype(gy.dtype)
+    gx = empty((n, c, h, w), acc, gy.device, channels_last).zero_()
     g = gy.to(acc)
     if channels_last:  # (N, H*W, C): the flat index runs along dim 1
         flat = gx.permute(0, 2, 3, 1).view(n, h * w, c)
@@ -574,7 +560,7 @@ class _MaxGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, ggx: Tensor, chosen: Tensor, win: Window2d, by_index: bool) -> Tensor:
         ctx.save_for_backward(chosen)
-        ctx.args = (win, _is_channels_last(ggx), by_index)
+        ctx.args = (win, is_channels_last(ggx), by_index)
         if by_index:
             return _gather_by_indices(ggx, chosen)
         return _max_gather(ggx, chosen, win)
@@ -592,7 +578,7 @@ class _MaxPool2d(torch.autograd.Function):
         y, off, indices = _max_forward(x4, win, not by_index, by_index or return_indices)
         chosen = indices if by_index else off
         ctx.save_for_backward(chosen)
-        ctx.args = (win, _is_channels_last(x4), by_index)
+        ctx.args = (win, is_channels_last(x4), by_index)
         if not return_indices:
             return y
         ctx.mark_non_differentiable(indices)
@@ -625,6 +611,10 @@ def max_pool2d(x4: Tensor, win: Window2d, return_indices: bool = False) -> tuple
         >>> y.flatten().tolist(), idx.flatten().tolist()
         ([5.0, 7.0, 13.0, 15.0], [5, 7, 13, 15])
     """
+    if torch.compiler.is_compiling():  # one graph node (see "torch.compile" below)
+        need = return_indices or (torch.is_grad_enabled() and x4.requires_grad)
+        y, indices = _max_pool_op(x4, geometry(win), need)
+        return y, (indices if return_indices else None)
     if torch.is_grad_enabled() and x4.requires_grad:
         out = _MaxPool2d.apply(x4, win, return_indices)
         return (out[0], out[1]) if return_indices else (out, None)
@@ -648,11 +638,6 @@ def _sum_pass(read: Reader, taps: tuple[_Tap, ...], dim: int, dst: Tensor) -> No
             _view(dst, dim, t.lo, t.hi - t.lo).add_(read(t))
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Sums of float16/bfloat16 accumulate in float32."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def _divisor(
     win: Window2d,
     count_include_pad: bool,
@@ -663,11 +648,26 @@ def _divisor(
     """Each output's divisor: a number, or an (OH, OW) tensor where it varies (the border)."""
     if divisor_override is not None:
         return float(divisor_override)
-    rows, cols = (win.divisors(count_include_pad, axis) for axis in (0, 1))
-    if len(set(rows)) == 1 and len(set(cols)) == 1:
+    rows, cols = (_axis_counts(win, count_include_pad, axis, dtype, device) for axis in (0, 1))
+    if bool((rows == rows[0]).all()) and bool((cols == cols[0]).all()):
         return float(rows[0] * cols[0])
-    r, c = (torch.tensor(v, dtype=dtype, device=device) for v in (rows, cols))
-    return r[:, None] * c[None, :]  # exact: products of small integers
+    return rows[:, None] * cols[None, :]  # exact: products of small integers
+
+
+def _axis_counts(
+    win: Window2d, count_include_pad: bool, axis: int, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """`Window2d.divisors` as a tensor, made by whole-tensor ops (no Python loop per output)."""
+    out = win.out_size[axis]
+    if count_include_pad and not win.same:  # the window clipped to the padded input
+        start = torch.arange(out, device=device) * win.stride[axis] - win.pad_before[axis]
+        extent = (win.kernel[axis] - 1) * win.dilation[axis] + 1
+        end = (start + extent).clamp(max=win.in_size[axis] + win.pad_after[axis])
+        return (end - start).to(dtype)
+    counts = torch.zeros(out, dtype=dtype, device=device)
+    for t in _taps(win, axis):
+        counts[t.lo : t.hi] += 1
+    return counts
 
 
 def _avg_forward(
@@ -675,8 +675,8 @@ def _avg_forward(
 ) -> Tensor:
     """Separable window sums (in float32 for float16/bfloat16), divided once at the end."""
     shape = (*x4.shape[:2], *win.out_size)
-    acc = _acc_dtype(x4.dtype)
-    y = _empty_like_format(x4, shape, x4.dtype)
+    acc = acc_dtype(x4.dtype)
+    y = empty_like_format(x4, shape, x4.dtype)
     div = _divisor(win, count_include_pad, divisor_override, acc, x4.device)
     taps = (_taps(win, 0), _taps(win, 1))
 
@@ -707,8 +707,8 @@ def _avg_backward(
     gy: Tensor, win: Window2d, count_include_pad: bool, divisor_override: int | None, cl: bool
 ) -> Tensor:
     """grad_x of avg_pool2d: the forward's passes transposed, in reverse order."""
-    acc = _acc_dtype(gy.dtype)
-    gx = _empty((*gy.shape[:2], *win.in_size), gy.dtype, gy.device, cl)
+    acc = acc_dtype(gy.dtype)
+    gx = empty((*gy.shape[:2], *win.in_size), gy.dtype, gy.device, cl)
     div = _divisor(win, count_include_pad, divisor_override, acc, gy.device)
     taps = (_taps(win, 0), _taps(win, 1))
     (oh, ow), (h, w) = win.out_size, win.in_size
@@ -717,14 +717,14 @@ def _avg_backward(
     def work(gxb: Tensor, gyb: Tensor) -> None:
         g = torch.div(gyb.to(acc), div)  # (.., OH, OW)
         if rows_first:  # the forward went rows (.., OH, W), then columns
-            mid = _empty_like_format(gxb, (*g.shape[:-2], oh, w), acc)
+            mid = empty_like_format(gxb, (*g.shape[:-2], oh, w), acc)
             _add_pass(g, taps[1], -1, win.stride[1], mid)
             dim, axis = -2, 0
         else:
-            mid = _empty_like_format(gxb, (*g.shape[:-2], h, ow), acc)
+            mid = empty_like_format(gxb, (*g.shape[:-2], h, ow), acc)
             _add_pass(g, taps[0], -2, win.stride[0], mid)
             dim, axis = -1, 1
-        out = gxb if acc == gx.dtype else _empty_like_format(gxb, tuple(gxb.shape), acc)
+        out = gxb if acc == gx.dtype else empty_like_format(gxb, tuple(gxb.shape), acc)
         _add_pass(mid, taps[axis], dim, win.stride[axis], out)
         if out is not gxb:
             gxb.copy_(out)
@@ -749,7 +749,7 @@ class _AvgScatter(torch.autograd.Function):
 class _AvgPool2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x4: Tensor, win: Window2d, cip: bool, dov: Any) -> Tensor:
-        ctx.args = (win, cip, dov, _is_channels_last(x4))
+        ctx.args = (win, cip, dov, is_channels_last(x4))
         return _avg_forward(x4, win, cip, dov)
 
     @staticmethod
@@ -780,9 +780,101 @@ def avg_pool2d(
         >>> avg_pool2d(x, window2d("avg_pool2d", (4, 4), 2)).flatten().tolist()
         [2.5, 4.5, 10.5, 12.5]
     """
+    if torch.compiler.is_compiling():  # one graph node (see "torch.compile" below)
+        return _avg_pool_op(x4, geometry(win), count_include_pad, divisor_override)
     if torch.is_grad_enabled() and x4.requires_grad:
         return _AvgPool2d.apply(x4, win, count_include_pad, divisor_override)
     return _avg_forward(x4, win, count_include_pad, divisor_override)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+# Dynamo cannot trace these pools (dozens of view ops chosen by Python over cached taps, run on
+# worker threads), so while torch.compile traces, each pool and its backward is one
+# `torch.library.custom_op` with a fake (shape-only) implementation: a compiled model keeps
+# them as single graph nodes, with no graph break, and runs the very eager code inside. The
+# backward of the max scatters by flat indices (the CPU rule of `_by_indices`, on any device).
+# Double backward through a compiled graph is not supported (eager mode supports it).
+
+
+def _in_window(x: Tensor, geom: list[int]) -> Window2d:
+    return window_of((x.shape[2], x.shape[3]), geom)
+
+
+@torch.library.custom_op("gapnet::strided_max_pool2d", mutates_args=())
+def _max_pool_op(x: Tensor, geom: list[int], need_indices: bool) -> tuple[Tensor, Tensor]:
+    y, _, indices = _max_forward(x, _in_window(x, geom), False, need_indices)
+    return y, x.new_empty(0, dtype=torch.int64) if indices is None else indices
+
+
+@_max_pool_op.register_fake
+def _(x: Tensor, geom: list[int], need_indices: bool) -> tuple[Tensor, Tensor]:
+    shape = (*x.shape[:2], *geom[10:12])
+    indices = empty_like_format(x, shape, torch.int64) if need_indices else None
+    return empty_like_format(x, shape, x.dtype), (
+        x.new_empty(0, dtype=torch.int64) if indices is None else indices
+    )
+
+
+@torch.library.custom_op("gapnet::strided_max_pool2d_backward", mutates_args=())
+def _max_pool_bwd_op(gy: Tensor, indices: Tensor, x: Tensor, geom: list[int]) -> Tensor:
+    return _scatter_by_indices(gy, indices, _in_window(x, geom), is_channels_last(x))
+
+
+@_max_pool_bwd_op.register_fake
+def _(gy: Tensor, indices: Tensor, x: Tensor, geom: list[int]) -> Tensor:
+    return empty(tuple(x.shape), gy.dtype, x.device, is_channels_last(x))
+
+
+def _max_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, geom, _ = inputs
+    ctx.geom = geom
+    ctx.save_for_backward(x, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _max_backward(ctx: Any, gy: Tensor, _gindices: Tensor) -> tuple:
+    x, indices = ctx.saved_tensors
+    return _max_pool_bwd_op(gy, indices, x, ctx.geom), None, None
+
+
+_max_pool_op.register_autograd(_max_backward, setup_context=_max_setup)
+
+
+@torch.library.custom_op("gapnet::strided_avg_pool2d", mutates_args=())
+def _avg_pool_op(x: Tensor, geom: list[int], cip: bool, divisor_override: int | None) -> Tensor:
+    return _avg_forward(x, _in_window(x, geom), cip, divisor_override)
+
+
+@_avg_pool_op.register_fake
+def _(x: Tensor, geom: list[int], cip: bool, divisor_override: int | None) -> Tensor:
+    return empty_like_format(x, (*x.shape[:2], *geom[10:12]), x.dtype)
+
+
+@torch.library.custom_op("gapnet::strided_avg_pool2d_backward", mutates_args=())
+def _avg_pool_bwd_op(
+    gy: Tensor, x: Tensor, geom: list[int], cip: bool, divisor_override: int | None
+) -> Tensor:
+    win = _in_window(x, geom)
+    return _avg_backward(gy, win, cip, divisor_override, is_channels_last(x))
+
+
+@_avg_pool_bwd_op.register_fake
+def _(gy: Tensor, x: Tensor, geom: list[int], cip: bool, divisor_override: int | None) -> Tensor:
+    return empty(tuple(x.shape), gy.dtype, x.device, is_channels_last(x))
+
+
+def _avg_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    x, geom, cip, divisor_override = inputs
+    ctx.args = (geom, cip, divisor_override)
+    ctx.save_for_backward(x)  # for its shape and memory format: a view, no copy
+
+
+def _avg_backward_op(ctx: Any, gy: Tensor) -> tuple:
+    (x,) = ctx.saved_tensors
+    return _avg_pool_bwd_op(gy, x, *ctx.args), None, None, None
+
+
+_avg_pool_op.register_autograd(_avg_backward_op, setup_context=_avg_setup)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -883,7 +975,7 @@ def prefers_plane_means(x4: Tensor) -> bool:
         x4.device.type == "cpu"
         and x4.dtype == torch.float32
         and x4.numel() >= _MEANS_MIN_NUMEL
-        and _is_channels_last(x4)  # by strides: vmap cannot answer is_contiguous(memory_format)
+        and is_channels_last(x4)  # by strides: vmap cannot answer is_contiguous(memory_format)
     )
 
 

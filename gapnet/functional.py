@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gapnet import _shapes, _strided
+from gapnet import _shapes, _strided, kernels
 from gapnet._shapes import IntPair, Layout, Padding, Window2d
 
 BACKENDS = ("auto", "torch", "triton")
@@ -178,6 +178,7 @@ def _new_plan(
 
 def _window(op: str, x4: Tensor, args: tuple) -> Window2d:
     """A window op's resolver: args are `_shapes.window2d`'s after the input size."""
+    _shapes.check_pool_channels(x4.shape[1], op)
     return _shapes.window2d(op, (x4.shape[-2], x4.shape[-1]), *args)
 
 
@@ -216,6 +217,10 @@ def max_pool2d(
         return_indices: also return flat ``h * W + w`` indices of each window's maximum.
         backend: "auto", "torch" or "triton" (default: the current default backend).
 
+    float16/bfloat16 gradients: a cell that is the maximum of several overlapping windows
+    gets their gradients summed in float32 and rounded once, whatever the backend or memory
+    format (PyTorch's channels_last CPU kernel would sum in the input's dtype).
+
     Shape:
         (N, C, H, W) -> (N, C, H_out, W_out), in the input's layout.
 
@@ -233,6 +238,11 @@ def max_pool2d(
         y, indices = _ops.max_pool2d(x4, win, return_indices)
     elif use == "strided":  # also the windows PyTorch cannot pad (padding never wins a max)
         y, indices = _strided.max_pool2d(x4, win, return_indices)
+    elif _half_grad_sums(x4, win):
+        y, indices = F.max_pool2d(
+            x4.float(), win.kernel, win.stride, win.pad_before, win.dilation, ceil_mode, True
+        )
+        y = y.to(x4.dtype)  # exact: a max of rounded values; the backward rounds once
     elif return_indices:
         y, indices = F.max_pool2d(
             x4, win.kernel, win.stride, win.pad_before, win.dilation, ceil_mode, True
@@ -245,6 +255,24 @@ def max_pool2d(
         return y
     assert indices is not None  # every backend returns indices when asked
     return y, _from_nchw(indices, lay)
+
+
+# The gradient rule of float16/bfloat16 max pools: where windows overlap, an input cell that is
+# the maximum of several windows gets the sum of their gradients, summed in float32 and rounded
+# once, on every backend and memory format (the strided path and the kernels sum in float32).
+# PyTorch's channels_last CPU kernel sums in the input's dtype, so that its answer would depend
+# on the memory format: the "torch" backend runs such a pool on a float32 copy instead (same
+# values and indices; the gradient goes back through the copy, rounded once).
+
+
+def _half_grad_sums(x4: Tensor, win: Window2d) -> bool:
+    """Whether PyTorch's max pool of x4 would sum a gradient in float16/bfloat16."""
+    if x4.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if not (x4.requires_grad and torch.is_grad_enabled()):
+        return False
+    extent = [(win.kernel[a] - 1) * win.dilation[a] + 1 for a in (0, 1)]
+    return win.stride[0] < extent[0] or win.stride[1] < extent[1]
 
 
 # ----------------------------------------------------------------------------- avg_pool2d
@@ -307,6 +335,20 @@ def avg_pool2d(
 # ----------------------------------------------------------------------------- adaptive pools
 
 
+def _unbatched_as_3d(
+    pool: Callable[..., Any], x4: Tensor, lay: Layout, *args: Any, **kw: Any
+) -> Any:
+    """`pool` of x4, with an unbatched input handed to PyTorch as the 3-d tensor it is.
+
+    PyTorch pools an unbatched (0, H, W) input with no channels (an empty result, zero
+    gradients) but refuses the (1, 0, H, W) it would be with a batch axis added.
+    """
+    if lay.batched or x4.shape[1] > 0:  # the 4-d view keeps an HWC input's memory format
+        return pool(x4, *args, **kw)
+    out = pool(x4[0], *args, **kw)
+    return tuple(t[None] for t in out) if isinstance(out, tuple) else out[None]
+
+
 def adaptive_avg_pool2d(
     x: Tensor, output_size: Any, *, layout: str = "NCHW", backend: str | None = None
 ) -> Tensor:
@@ -329,7 +371,7 @@ def adaptive_avg_pool2d(
     _check_backend(_default_backend if backend is None else backend)
     x4, lay = _checked_nchw(x, layout, op)
     out = _shapes.adaptive_output_size(output_size, (x4.shape[-2], x4.shape[-1]), op)
-    return _from_nchw(F.adaptive_avg_pool2d(x4, out), lay)
+    return _from_nchw(_unbatched_as_3d(F.adaptive_avg_pool2d, x4, lay, out), lay)
 
 
 def adaptive_max_pool2d(
@@ -360,7 +402,7 @@ def adaptive_max_pool2d(
     _check_backend(_default_backend if backend is None else backend)
     x4, lay = _checked_nchw(x, layout, op)
     out = _shapes.adaptive_output_size(output_size, (x4.shape[-2], x4.shape[-1]), op)
-    y, indices = F.adaptive_max_pool2d(x4, out, return_indices=True)
+    y, indices = _unbatched_as_3d(F.adaptive_max_pool2d, x4, lay, out, return_indices=True)
     y = _from_nchw(y, lay)
     return (y, _from_nchw(indices, lay)) if return_indices else y
 
@@ -413,7 +455,7 @@ class _MeanHW(torch.autograd.Function):
         x = inputs[0]
         ctx.shape = x.shape
         # by strides: torch.func.vmap cannot answer is_contiguous(memory_format=...)
-        ctx.channels_last = _strided._is_channels_last(x)
+        ctx.channels_last = kernels.is_channels_last(x)
 
     @staticmethod
     def backward(ctx: Any, gy: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
@@ -456,7 +498,7 @@ def _gem(x4: Tensor, p: float | Tensor, eps: float, in_place: bool = True) -> Te
     on CPU (GeM inference 1.2-3.4x faster than PyTorch's formula, benchmarks/RESULTS.md).
     Not `in_place` where autograd records the ops (each keeps its input for the backward).
     """
-    acc = _strided._acc_dtype(x4.dtype)
+    acc = kernels.acc_dtype(x4.dtype)
     p_acc = _p_as(p, acc)
     z = _clamped(x4, eps, acc)
     if not in_place:

@@ -158,6 +158,7 @@ def _max_pool2d_setup(
 ) -> tuple[np.ndarray, Layout, Taps, Taps]:
     op = "max_pool2d"
     x4, lay = _to_nchw(x, layout, op)
+    _shapes.check_pool_channels(x4.shape[1], op)
     win = _shapes.window2d(op, x4.shape[2:], kernel_size, stride, padding, dilation, ceil_mode)
     return x4, lay, _window_taps(win, 0), _window_taps(win, 1)
 
@@ -251,6 +252,7 @@ def _avg_pool2d_setup(
     op = "avg_pool2d"
     _shapes.check_divisor_override(divisor_override, op)
     x4, lay = _to_nchw(x, layout, op)
+    _shapes.check_pool_channels(x4.shape[1], op)
     win = _shapes.window2d(op, x4.shape[2:], kernel_size, stride, padding, 1, ceil_mode)
     if divisor_override is not None:
         divisor = np.full(win.out_size, divisor_override)

@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import math
 import re
+import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from cases import ADAPTIVE_CASES, AVG_POOL_CASES, GLOBAL_CASES, MAX_POOL_CASES, Case
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gapnet
-from gapnet import _strided
+from gapnet import _shapes, _strided
 from gapnet import functional as GF
 from gapnet import reference as ref
 
@@ -1214,3 +1217,192 @@ def test_gap_turns_hwc_into_channel_means(h: int, w: int, c: int, seed: int) -> 
     y = GF.global_avg_pool2d(torch.from_numpy(x), layout="HWC")
     assert tuple(y.shape) == (c,)
     np.testing.assert_allclose(y.numpy(), x.mean(axis=(0, 1)), rtol=1e-12, atol=1e-15)
+
+
+# ----------------------------------------------------------------------------- PyTorch's edge cases
+# Divergences found by running PyTorch's own pooling tests on gapnet (issue 13): PyTorch's
+# behaviour is the contract, on every backend ("auto" reaches the strided path through
+# padding="same") and in the reference.
+
+STRIDE_EMPTY = [  # (op, kwargs): stride=() or [] reads as "stride = kernel_size", as None
+    ("max_pool2d", {"kernel_size": 2, "stride": ()}),
+    ("max_pool2d", {"kernel_size": (3, 2), "stride": [], "padding": 1}),
+    ("avg_pool2d", {"kernel_size": 2, "stride": ()}),
+    # "same" padding: the strided path under "auto"
+    ("avg_pool2d", {"kernel_size": 3, "stride": (), "padding": "same"}),
+]
+
+
+@pytest.mark.parametrize(("op", "kwargs"), rows(STRIDE_EMPTY))
+def test_empty_stride_means_kernel_size(op: str, kwargs: dict, rng: np.random.Generator) -> None:
+    x = rng.standard_normal((2, 3, 9, 8))
+    as_none = {**kwargs, "stride": None}
+    expected = getattr(ref, op)(x, **as_none)
+    np.testing.assert_array_equal(getattr(ref, op)(x, **kwargs), expected)
+    got = getattr(GF, op)(torch.from_numpy(x), **kwargs)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
+    if kwargs.get("padding") != "same":  # PyTorch itself
+        torch_got = getattr(F, op)(torch.from_numpy(x), **kwargs)
+        np.testing.assert_allclose(torch_got.numpy(), expected, rtol=1e-12)
+
+
+ZERO_CHANNEL_UNBATCHED = [  # (op, layout, shape): PyTorch pools (0, H, W), zero gradients
+    ("adaptive_avg_pool2d", "CHW", (0, 10, 10)),
+    ("adaptive_max_pool2d", "CHW", (0, 10, 10)),
+    # the same planes seen through HWC
+    ("adaptive_avg_pool2d", "HWC", (10, 10, 0)),
+    ("adaptive_max_pool2d", "HWC", (10, 10, 0)),
+]
+
+
+@pytest.mark.parametrize(("op", "layout", "shape"), ZERO_CHANNEL_UNBATCHED)
+def test_unbatched_adaptive_pools_take_zero_channels(op: str, layout: str, shape: tuple) -> None:
+    x = torch.rand(shape, requires_grad=True)
+    y = getattr(GF, op)(x, 5, layout=layout)
+    assert y.shape == ((0, 5, 5) if layout == "CHW" else (5, 5, 0))
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == shape
+    assert getattr(ref, op)(x.detach().numpy(), 5, layout=layout).shape == y.shape
+
+
+ZERO_CHANNELS = [  # (op, kwargs, backend): N = 1 but C = 0 is refused, as PyTorch does
+    ("max_pool2d", {"kernel_size": 2}, "torch"),
+    ("max_pool2d", {"kernel_size": 2}, "auto"),
+    # "same": the strided path, which returned an empty result
+    ("max_pool2d", {"kernel_size": 3, "stride": 2, "padding": "same"}, "auto"),
+    ("avg_pool2d", {"kernel_size": 2}, "torch"),
+    ("avg_pool2d", {"kernel_size": 3, "stride": 2, "padding": "same"}, "auto"),
+]
+
+
+@pytest.mark.parametrize(("op", "kwargs", "backend"), rows(ZERO_CHANNELS))
+def test_zero_channels_are_refused_on_every_backend(op: str, kwargs: dict, backend: str) -> None:
+    x = torch.rand(1, 0, 50, 32)
+    with pytest.raises(ValueError, match="at least one channel, got C=0"):
+        getattr(GF, op)(x, **kwargs, backend=backend)
+    with pytest.raises(ValueError, match="at least one channel, got C=0"):
+        getattr(ref, op)(x.numpy(), **kwargs)
+    if kwargs.get("padding") != "same":
+        with pytest.raises(RuntimeError):  # PyTorch's own refusal
+            getattr(F, op)(x, **kwargs)
+
+
+SLICED_CHANNELS_LAST = [  # (op, kwargs, backend): x[:, ::2] of a channels_last x
+    ("max_pool2d", {"kernel_size": 2}, "torch"),
+    # "same" under "auto": the strided path, which returned NCHW
+    ("max_pool2d", {"kernel_size": 3, "stride": 2, "padding": "same"}, "auto"),
+    ("avg_pool2d", {"kernel_size": 3, "stride": 2, "padding": "same"}, "auto"),
+]
+
+
+@pytest.mark.parametrize(("op", "kwargs", "backend"), rows(SLICED_CHANNELS_LAST))
+def test_sliced_channels_last_stays_channels_last(op: str, kwargs: dict, backend: str) -> None:
+    base = torch.rand(2, 8, 9, 9).to(memory_format=torch.channels_last)
+    x = base[:, ::2].detach().requires_grad_()
+    assert not x.is_contiguous(memory_format=torch.channels_last)
+    extra = {"return_indices": True} if op == "max_pool2d" else {}
+    out = getattr(GF, op)(x, **kwargs, **extra, backend=backend)
+    outs = out if isinstance(out, tuple) else (out,)
+    for t in outs:  # output and indices, as PyTorch's
+        assert t.is_contiguous(memory_format=torch.channels_last)
+    # as returned (a leaf's .grad of non-dense x would be laid out by autograd's own rule)
+    (grad,) = torch.autograd.grad(outs[0], x, torch.rand_like(outs[0]))
+    assert grad.is_contiguous(memory_format=torch.channels_last)
+    if backend == "torch":  # PyTorch itself
+        (torch_grad,) = torch.autograd.grad(getattr(F, op)(x, **kwargs).sum(), x)
+        assert torch_grad.is_contiguous(memory_format=torch.channels_last)
+    dense = getattr(ref, op)(x.detach().numpy().astype(np.float64), **kwargs)
+    np.testing.assert_allclose(outs[0].detach().numpy(), dense, rtol=1e-6)
+
+
+HALF_MAX_GRAD = [  # (backend, channels_last, kwargs): overlapping windows, shared maxima
+    ("torch", False, {"kernel_size": 3, "stride": 1, "padding": 1}),
+    # PyTorch's channels_last kernel summed in bfloat16
+    ("torch", True, {"kernel_size": 3, "stride": 1, "padding": 1}),
+    ("auto", False, {"kernel_size": 3, "stride": 1, "padding": 1}),
+    # the strided path
+    ("auto", True, {"kernel_size": 3, "stride": 1, "padding": "same"}),
+    ("torch", True, {"kernel_size": 5, "stride": 2, "padding": 2}),
+]
+
+
+@pytest.mark.parametrize(("backend", "channels_last", "kwargs"), HALF_MAX_GRAD)
+def test_bfloat16_max_pool_gradient_sums_in_float32(
+    backend: str, channels_last: bool, kwargs: dict
+) -> None:
+    """The documented rule: shares of one cell summed in float32, rounded to bfloat16 once."""
+    gen = torch.Generator().manual_seed(0)
+    x32 = torch.randn(2, 16, 24, 24, generator=gen).to(torch.bfloat16).float()
+    g32 = torch.randn(x32.shape[0], 16, *GF.max_pool2d(x32, **kwargs).shape[2:], generator=gen)
+    g32 = g32.to(torch.bfloat16).float()
+    x = x32.to(torch.bfloat16)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    GF.max_pool2d(x, **kwargs, backend=backend).backward(g32.to(torch.bfloat16))
+    x32.requires_grad_()
+    expected = torch.autograd.grad(F.max_pool2d(x32, **_torch_kwargs(kwargs)), x32, g32)[0].to(
+        torch.bfloat16
+    )
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad, expected, rtol=0, atol=0)
+
+
+def _torch_pad(kwargs: dict) -> dict:
+    """k3 s1 "same" is padding 1 in PyTorch's terms."""
+    return {"padding": 1} if kwargs.get("padding") == "same" else {}
+
+
+def _torch_kwargs(kwargs: dict) -> dict:
+    return {**kwargs, **_torch_pad(kwargs)}
+
+
+# ----------------------------------------------------------------------------- O(1) argument checks
+
+
+def _calls_to_check(in_size: tuple[int, int], **kwargs: Any) -> int:
+    """How many Python functions `_shapes.window2d` runs for one call (each call counted)."""
+    _shapes.window2d("max_pool2d", in_size, **kwargs)  # warm: abc caches isinstance answers
+    calls = 0
+
+    def count(frame: Any, event: str, arg: Any) -> None:
+        nonlocal calls
+        calls += event == "call"
+
+    sys.setprofile(count)
+    try:
+        _shapes.window2d("max_pool2d", in_size, **kwargs)
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+SIZES = ((16777217, 7), (1000, 7))  # (H, W) of a huge plane and a small one
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"kernel_size": (2, 1)},
+        # padding, dilation and ceil_mode: the check that no window holds only padding
+        {"kernel_size": 3, "stride": 1, "padding": 1, "dilation": 2, "ceil_mode": True},
+        {"kernel_size": 3, "stride": 2, "padding": "same"},
+    ],
+)
+def test_argument_checks_do_not_scale_with_the_plane(kwargs: dict) -> None:
+    """Validation does the same work for a 16M-row plane as for a 1000-row one (it looped over
+    every output row and column: 18 s on (1, 1, 16777217, 1)). Sizes 1000 and 16777217 take
+    the same branches."""
+    # the fewest of 3 runs: a stray call (a garbage collector callback) can land in one
+    huge, small = (min(_calls_to_check(size, **kwargs) for _ in range(3)) for size in SIZES)
+    assert huge == small
+
+
+@pytest.mark.parametrize("op", ["max_pool2d", "avg_pool2d"])
+def test_first_call_on_a_huge_plane_is_quick(op: str) -> None:
+    x = torch.rand(1, 1, 16777217, 1)
+    start = time.perf_counter()
+    for backend in ("auto", "torch"):
+        y = getattr(GF, op)(x, (2, 1), backend=backend)
+        assert y.shape == (1, 1, 8388608, 1)
+    assert time.perf_counter() - start < 2.0

@@ -17,7 +17,7 @@ from cases import AVG_POOL_CASES, MAX_POOL_CASES, Case
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from gapnet import _shapes, _strided, reference
+from gapnet import _shapes, kernels, reference
 from gapnet.kernels import window_pool as wp
 
 pytestmark = [pytest.mark.triton]
@@ -37,7 +37,7 @@ GEOMETRY = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """Fill every tensor the launchers allocate with a value no kernel should leave behind."""
-    empty_like_format, empty_strided = wp._empty_like_format, wp._empty_strided
+    empty_like_format, empty_strided = wp.empty_like_format, wp._empty_strided
 
     def poisoned_like(x, shape, dtype):
         return empty_like_format(x, shape, dtype).fill_(float("nan"))
@@ -46,7 +46,7 @@ def poisoned_outputs(monkeypatch):
         out = empty_strided(shape, strides, dtype, device)
         return out.fill_(255 if dtype == torch.uint8 else -1)  # no window has tap 255 here
 
-    monkeypatch.setattr(wp, "_empty_like_format", poisoned_like)
+    monkeypatch.setattr(wp, "empty_like_format", poisoned_like)
     monkeypatch.setattr(wp, "_empty_strided", poisoned_strided)
 
 
@@ -61,7 +61,7 @@ def _randn(shape, dtype, seed, channels_last=False) -> torch.Tensor:
 
 def _nan_like(shape, x: torch.Tensor) -> torch.Tensor:
     """A NaN-filled `out=` in x's memory format."""
-    fmt = torch.channels_last if _strided._is_channels_last(x) else torch.contiguous_format
+    fmt = torch.channels_last if kernels.is_channels_last(x) else torch.contiguous_format
     return torch.full(shape, float("nan"), dtype=x.dtype, device=x.device).contiguous(
         memory_format=fmt
     )
@@ -91,7 +91,7 @@ def _same_strides(a: torch.Tensor, b: torch.Tensor) -> None:
 
 def _same_format(result: torch.Tensor, x: torch.Tensor) -> None:
     """Outputs follow the input's memory format, as PyTorch's pools."""
-    if _strided._is_channels_last(x):
+    if kernels.is_channels_last(x):
         assert result.is_contiguous(memory_format=torch.channels_last), result.stride()
     else:
         assert result.is_contiguous(), result.stride()
@@ -139,7 +139,7 @@ def check_max(x: torch.Tensor, kwargs: dict, seed: int = 0, inference: bool = Tr
     assert indices.dtype == torch.int64 and indices.stride() == y.stride()
     assert torch.equal(indices.cpu(), ref_idx.cpu())
     # The saved tap a*KW + b names the same input cell as PyTorch's index.
-    assert offsets.dtype == wp._offsets_dtype(win) and offsets.stride() == y.stride()
+    assert offsets.dtype == kernels.offsets_dtype(win) and offsets.stride() == y.stride()
     (kh, kw), (sh, sw), (dh, dw) = win.kernel, win.stride, win.dilation
     tap = offsets.long().cpu()
     rows = (
@@ -344,7 +344,7 @@ def test_strided_input_and_expanded_grad():
     strides (no copy), the output is NCHW-contiguous; grad_y may be an expanded tensor."""
     base = _randn((2, 5, 14, 12), torch.float32, 31)
     x = base[:, 1:4, ::2, 1:].transpose(2, 3)  # (2, 3, 11, 7), strides (840, 168, 1, 24)
-    assert not x.is_contiguous() and not _strided._is_channels_last(x)
+    assert not x.is_contiguous() and not kernels.is_channels_last(x)
     win = _shapes.window2d("max_pool2d", (11, 7), 3, 2, 1)
     y, offsets, _ = wp.max_pool2d_forward(x, win, need_offsets=True, return_indices=False)
     grad = _randn((2, 3, 1, win.out_size[1]), torch.float32, 32).expand(y.shape)  # stride 0

@@ -22,7 +22,7 @@ def spaced(*shape: int, seed: int = 0) -> torch.Tensor:
 
 
 def geom(op: str, x: torch.Tensor, *args: object) -> list[int]:
-    return _ops._geom(_shapes.window2d(op, x.shape[-2:], *args))  # type: ignore[arg-type]
+    return _shapes.geometry(_shapes.window2d(op, x.shape[-2:], *args))  # type: ignore[arg-type]
 
 
 def _cases() -> list:

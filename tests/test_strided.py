@@ -19,6 +19,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from gapnet import _strided
+from gapnet import functional as GF
 from gapnet._shapes import Window2d, window2d
 
 # Rows the shared tables lack, for what is particular to composing pools from strided views.
@@ -74,7 +75,7 @@ VARIANTS = {
 @pytest.fixture(autouse=True)
 def poisoned(monkeypatch):
     """Every output and intermediate buffer of the module starts as garbage, not zeros."""
-    empty = _strided._empty
+    empty = _strided.empty
 
     def poisoned_empty(shape, dtype, device, channels_last):
         t = empty(shape, dtype, device, channels_last)
@@ -82,7 +83,11 @@ def poisoned(monkeypatch):
             return t.fill_(math.nan)
         return t.fill_(True if dtype == torch.bool else 77)
 
-    monkeypatch.setattr(_strided, "_empty", poisoned_empty)
+    def poisoned_like(x4, shape, dtype):
+        return poisoned_empty(shape, dtype, x4.device, _strided.is_channels_last(x4))
+
+    monkeypatch.setattr(_strided, "empty", poisoned_empty)
+    monkeypatch.setattr(_strided, "empty_like_format", poisoned_like)
 
 
 def _set_variant(block_bytes: int, by_index: bool, workers: bool) -> tuple:
@@ -527,3 +532,60 @@ def test_plane_means_are_the_mean_and_chosen_for_large_channels_last_float32() -
     assert _strided.prefers_plane_means(large.to(memory_format=torch.channels_last))
     assert not _strided.prefers_plane_means(large)  # NCHW: aten's mean wins
     assert not _strided.prefers_plane_means(large.half().to(memory_format=torch.channels_last))
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+class _EveryPool(torch.nn.Module):
+    """Every gapnet pool on CPU: max and average ("same" runs the strided path), adaptive
+    average and max, every global kind (GeM with a learned p) and gap_linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.p = torch.nn.Parameter(torch.tensor([3.0]))
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = torch.relu(self.conv(x))  # (N, 8, H, W)
+        a = GF.max_pool2d(f, 3, 2, "same") + GF.avg_pool2d(f, 3, 2, "same")
+        b = GF.max_pool2d(a, 3, 1, 1) + GF.avg_pool2d(a, 3, 1, 1)  # PyTorch's ops, or strided
+        c = GF.adaptive_avg_pool2d(b, 3) + GF.adaptive_max_pool2d(b, 3)  # (N, 8, 3, 3)
+        heads = [GF.global_pool2d(c, kind) for kind in ("avg", "max", "avgmax")]
+        heads.append(GF.global_pool2d(c, "catavgmax")[:, :8])
+        heads.append(GF.global_pool2d(c, "gem", p=self.p))
+        return GF.gap_linear(c, self.fc.weight, self.fc.bias) + self.fc(sum(heads))
+
+
+COMPILE_MODES = [  # (dynamic, compiler backend, strided everywhere)
+    # Inductor, static shapes: the strided ops as graph nodes among generated code
+    (False, "inductor", False),
+    # symbolic H and W through the checks and the fake implementations; aot_eager keeps the
+    # test quick on 2 cores (Dynamo and AOTAutograd trace as for Inductor)
+    (True, "aot_eager", False),
+    # every window pool on the strided path, as on large inputs
+    (True, "aot_eager", True),
+]
+
+
+@pytest.mark.parametrize(("dynamic", "compiler", "strided"), COMPILE_MODES)
+def test_torch_compile_every_pool_without_graph_breaks(
+    dynamic: bool, compiler: str, strided: bool, monkeypatch
+) -> None:
+    """fullgraph=True makes any graph break an error; forward and gradients equal eager."""
+    if strided:
+        monkeypatch.setattr(_strided, "prefers", lambda x4, op, win: True)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = _EveryPool()
+    compiled = torch.compile(net, fullgraph=True, dynamic=dynamic, backend=compiler)
+    for size in (12, 15) if dynamic else (12,):
+        x = torch.randn(2, 3, size, size)
+        eager = net(x)
+        eager_grads = torch.autograd.grad(eager.sum(), list(net.parameters()))
+        got = compiled(x)
+        got_grads = torch.autograd.grad(got.sum(), list(net.parameters()))
+        torch.testing.assert_close(got, eager)
+        for g, e in zip(got_grads, eager_grads, strict=True):
+            torch.testing.assert_close(g, e)

@@ -53,8 +53,7 @@ import triton
 import triton.language as tl
 
 from gapnet._shapes import Window2d
-from gapnet._strided import _empty_like_format, _offsets_dtype
-from gapnet.kernels import KERNEL_DTYPES
+from gapnet.kernels import KERNEL_DTYPES, empty_like_format, offsets_dtype
 
 # Div modes of the average: 0 divisor_override, 1 window clipped to the padded extent
 # (count_include_pad and not "same"), 2 number of real taps.
@@ -887,7 +886,9 @@ def _fwd_plan(shape: tuple, strides: tuple, win: Window2d, tile: int, warps: int
     """Everything about a forward launch but its tensors, cached: launches of small tensors
     are bound by this Python (channels_last, grid, constexpr keyword arguments)."""
     n, c, _, w = shape
-    cl = strides[1] == 1 and strides[3] != 1 and c > 1  # as _strided._is_channels_last
+    cl = (
+        strides[1] == 1 and strides[3] != 1 and c > 1
+    )  # C the unit stride: the layout vectorised over C
     oh, ow = win.out_size
     b0, b1, b2, grid = _blocks(cl, n * c, c, oh, ow, tile)
     # Pair loads (see _tap_pair) for planar stride-2 windows over unit-stride rows; EVEN says
@@ -954,14 +955,14 @@ def max_pool2d_forward(
     oh, ow = win.out_size
     shape = (n, c, oh, ow)
     if out is None:
-        y = _empty_like_format(x, shape, x.dtype)
+        y = empty_like_format(x, shape, x.dtype)
     else:
         _check_out(out, shape, x, "max_pool2d")
         y = out
     ys = y.stride()
     offsets = indices = None
     if need_offsets:
-        offsets = _empty_strided(shape, ys, _offsets_dtype(win), x.device)
+        offsets = _empty_strided(shape, ys, offsets_dtype(win), x.device)
     if return_indices:
         indices = _empty_strided(shape, ys, torch.int64, x.device)
     xs = x.stride()
@@ -1017,7 +1018,7 @@ def avg_pool2d_forward(
     oh, ow = win.out_size
     shape = (n, c, oh, ow)
     if out is None:
-        y = _empty_like_format(x, shape, x.dtype)
+        y = empty_like_format(x, shape, x.dtype)
     else:
         _check_out(out, shape, x, "avg_pool2d")
         y = out
@@ -1064,7 +1065,7 @@ def _pool2d_backward(
     _check_dtype(x_like, "max_pool2d" if is_max else "avg_pool2d")
     n, c, h, w = shape = x_like.shape
     oh, ow = win.out_size
-    grad_x = _empty_like_format(x_like, shape, x_like.dtype)
+    grad_x = empty_like_format(x_like, shape, x_like.dtype)
     grid, qh, qw, consts = _bwd_plan(shape, x_like.stride(), win, _BWD_TILE, _NUM_WARPS)
     _launch(
         _pool2d_bwd_kernel, grid, grad_y, offsets, grad_x, n * c, c, h, w, oh, ow, qh, qw,
