@@ -147,6 +147,19 @@ def test_eval_plain_rescaled_and_on_canvases(runs, capsys):
     assert code == 0 and "30 images placed on 56x56 canvases" in out
 
 
+def test_scales_run_the_pyramid_in_eval_and_predict(runs, digit_png, capsys):
+    code, out, _ = run(capsys, "eval", "-c", runs["gap"], "--n", 20, "--size", 56, "--json",
+                       "--scales", "1,0.5")  # fmt: skip
+    assert code == 0 and json.loads(out)["inputs"] == "rescaled to 56x56, multi-scale 1,0.5"
+    code, out, _ = run(capsys, "predict", digit_png, "-c", runs["gap"], "--json",
+                       "--scales", "2,1")  # fmt: skip
+    probs = json.loads(out)[0]["probs"]
+    assert code == 0 and sum(probs) == pytest.approx(1, abs=1e-5)
+    for bad in ("0.5,x", "1,0", "1,-2", ""):  # not a number, zero, negative, empty
+        code, _, err = run(capsys, "eval", "-c", runs["gap"], "--scales", bad)
+        assert code == 2 and "expected comma-separated positive factors" in err, bad
+
+
 def test_eval_of_fc_at_another_size_is_a_usage_error(runs, capsys):
     code, _, err = run(capsys, "eval", "-c", runs["fc"], "--n", 20, "--canvas", 40)
     assert code == 2 and "fixed 28x28 input" in err and "Traceback" not in err
