@@ -252,7 +252,7 @@ def _boxes_of(mask: Tensor) -> Tensor:
     """(x0, y0, x1, y1) of each mask's pixels, ends exclusive; the full image where none."""
     n, h, w = mask.shape
     full = torch.tensor([0, 0, w, h], dtype=torch.int64, device=mask.device).expand(n, 4)
-    return torch.where(mask.flatten(1).any(1, keepdim=True), _data._mask_boxes(mask), full)
+    return torch.where(mask.flatten(1).any(1, keepdim=True), _data.mask_boxes(mask), full)
 
 
 def cam_boxes(maps: Any, threshold: float = 0.2, region: str = "largest") -> Tensor:

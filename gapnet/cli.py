@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -21,6 +22,26 @@ import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
+
+import torch
+
+from gapnet import (
+    __version__,
+    cam,
+    compare,
+    data,
+    explain,
+    export,
+    inference,
+    models,
+    report,
+    serve,
+)
+from gapnet.cam import REGIONS
+from gapnet.explain import ASPECT, DPI, TOPICS, WIDTH
+from gapnet.models import HEADS, ModelConfig, list_models
+from gapnet.report import text_table
+from gapnet.train import Dist, TrainConfig, evaluate, predict_proba, read_run, train
 
 PROG = "gapnet"
 
@@ -116,8 +137,6 @@ def _names(text: str) -> tuple[str, ...]:
 
 def _read_image(path: str, in_chans: int, invert: str) -> tuple[Any, Any]:
     """`gapnet.data.read_image` of a file named on the command line (errors: exit status 2)."""
-    from gapnet import data
-
     if in_chans not in (1, 3):
         raise UsageError(f"images can feed 1- or 3-channel models, this one has {in_chans}")
     return data.read_image(path, in_chans, invert=invert)
@@ -125,8 +144,6 @@ def _read_image(path: str, in_chans: int, invert: str) -> tuple[Any, Any]:
 
 def _model_input(model: Any, x: Any, path: str, resize: int | None) -> tuple[Any, str | None]:
     """The image as the model takes it (`gapnet.inference.model_input`), after --resize."""
-    from gapnet import data, inference
-
     note = None
     if resize is not None and model.input_size is None:
         x = data.rescale(x[None], resize)[0]
@@ -140,8 +157,6 @@ def _model_input(model: Any, x: Any, path: str, resize: int | None) -> tuple[Any
 
 def _class_names(data_spec: str, num_classes: int) -> list[str]:
     """Class names for a data spec, where known without reading the data; else "0", "1", ..."""
-    from gapnet import data
-
     name = data_spec.partition(":")[0]
     known = {
         "fashion-mnist": data.FASHION_MNIST_CLASSES,
@@ -155,15 +170,12 @@ def _class_names(data_spec: str, num_classes: int) -> list[str]:
 def _load_model(path: str, onnx: bool = False) -> tuple[Any, Any, list[str]]:
     """The model of a checkpoint (or, with `onnx`, of a `gapnet export` file), its TrainConfig
     and its class names."""
-    from gapnet.train import TrainConfig, read_run
-
     if Path(path).suffix == ".onnx":
         if not onnx:
             raise UsageError(
                 f"{path!r} is an ONNX file: predict and eval take one, this command "
                 "needs the checkpoint (the PyTorch model)"
             )
-        from gapnet import export
 
         onnx_model = export.load(path)
         return onnx_model, TrainConfig.from_dict(onnx_model.train_config or {}), onnx_model.classes
@@ -174,8 +186,6 @@ def _load_model(path: str, onnx: bool = False) -> tuple[Any, Any, list[str]]:
 
 def _set_threads(threads: int | None) -> None:
     if threads:
-        import torch
-
         torch.set_num_threads(threads)
 
 
@@ -272,8 +282,6 @@ def add_config_flags(
 
 def _train_fields(a: argparse.Namespace) -> dict[str, Any]:
     """TrainConfig fields from the train flags (flags left out keep TrainConfig's defaults)."""
-    from gapnet.train import TrainConfig
-
     given = vars(a)
     fields = {o.name: given[o.name] for o in TrainConfig.options() if o.name in given}
     if "canvas_size" in fields and "augmentation" not in fields:
@@ -286,8 +294,6 @@ def _train_fields(a: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_train(a: argparse.Namespace) -> int:
     """`gapnet train`: one run, then its metrics and checkpoint path."""
-    from gapnet.train import Dist, TrainConfig, train
-
     cfg = TrainConfig(**_train_fields(a))
     try:
         result = train(cfg, progress=not a.quiet, resume=a.resume, overwrite=a.overwrite)
@@ -323,9 +329,6 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def cmd_eval(a: argparse.Namespace) -> int:
     """`gapnet eval`: accuracy and loss on the test split, rescaled or on canvases."""
-    from gapnet import data
-    from gapnet.train import evaluate
-
     _set_threads(a.threads)
     model, cfg, _ = _load_model(a.checkpoint, onnx=True)
     spec = a.data or cfg.data
@@ -366,8 +369,6 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 def cmd_predict(a: argparse.Namespace) -> int:
     """`gapnet predict`: top-k classes of image files (text, or JSON with all probabilities)."""
-    from gapnet.train import predict_proba
-
     model, _, names = _load_model(a.checkpoint, onnx=True)
     k = min(a.top_k, model.num_classes)
     images = [(path, *_read_image(path, model.config.in_chans, a.invert)) for path in a.images]
@@ -417,8 +418,6 @@ def _require_cam_model(model: Any) -> None:
 
 
 def _add_region(p: Any, default_text: str, default: str | None = None) -> None:
-    from gapnet.cam import REGIONS
-
     p.add_argument(
         "--region",
         choices=REGIONS,
@@ -430,10 +429,6 @@ def _add_region(p: Any, default_text: str, default: str | None = None) -> None:
 
 def cmd_cam(a: argparse.Namespace) -> int:
     """`gapnet cam`: one CAM overlay PNG per image and class, with the box it gives."""
-    import torch
-
-    from gapnet import cam
-
     model, _, names = _load_model(a.checkpoint)
     _require_cam_model(model)
     bad = [c for c in a.classes or [] if not 0 <= c < model.num_classes]
@@ -475,8 +470,6 @@ def cmd_cam(a: argparse.Namespace) -> int:
 
 def cmd_localize(a: argparse.Namespace) -> int:
     """`gapnet localize`: classification and CAM-box accuracy per canvas size."""
-    from gapnet import cam, compare, report
-
     _set_threads(a.threads)
     model, cfg, _ = _load_model(a.checkpoint)
     _require_cam_model(model)
@@ -533,9 +526,6 @@ def cmd_localize(a: argparse.Namespace) -> int:
 
 def cmd_info(a: argparse.Namespace) -> int:
     """`gapnet info`: layer table and parameter counts per part."""
-    from gapnet import models
-    from gapnet.report import text_table
-
     overrides: dict[str, Any] = {}
     if a.input_size is not None:
         overrides["input_size"] = a.input_size
@@ -570,24 +560,20 @@ def _spec_changes(a: argparse.Namespace) -> dict[str, Any]:
     ``--robust`` is the one flag that is not a field's value: it switches on the demo's robust
     variant (DEMO.spec.robust, trained with DEMO.spec.robust_head unless --robust-head says).
     """
-    from gapnet.compare import DEMO, CompareSpec
-
     given = vars(a)
     changes = {
         o.name: given[o.name]
-        for o in CompareSpec.options()
+        for o in compare.CompareSpec.options()
         if o.name in given and o.name != "robust"
     }
     if a.robust is not None:
-        changes["robust"] = DEMO.spec.robust if a.robust else None
+        changes["robust"] = compare.DEMO.spec.robust if a.robust else None
         if a.robust:
-            changes.setdefault("robust_head", DEMO.spec.robust_head)
+            changes.setdefault("robust_head", compare.DEMO.spec.robust_head)
     return changes
 
 
 def _run_report(spec: Any, out: str, a: argparse.Namespace, argv: Sequence[str]) -> int:
-    from gapnet import compare, report
-
     command = f"{PROG} {shlex.join(argv)}"
     results = compare.run_compare(spec, out, command=command, progress=not a.quiet, reuse=a.reuse)
     paths = report.write_report(results, out)
@@ -598,29 +584,23 @@ def _run_report(spec: Any, out: str, a: argparse.Namespace, argv: Sequence[str])
 
 def cmd_compare(a: argparse.Namespace) -> int:
     """`gapnet compare`: CompareSpec defaults, then --quick (DEMO.quick), then the flags."""
-    from gapnet.compare import DEMO, CompareSpec
-
-    spec = CompareSpec()
+    spec = compare.CompareSpec()
     if a.quick:
-        spec = spec.replace(**DEMO.quick)
+        spec = spec.replace(**compare.DEMO.quick)
     spec = spec.replace(**_spec_changes(a))
     return _run_report(spec, a.out, a, a.argv)
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
     """`gapnet demo`: the comparison with DEMO's settings (DEMO.quick on top with --quick)."""
-    from gapnet.compare import DEMO
-
-    spec = DEMO.spec.replace(**DEMO.quick) if a.quick else DEMO.spec
+    spec = compare.DEMO.spec.replace(**compare.DEMO.quick) if a.quick else compare.DEMO.spec
     if a.threads is not None:
         spec = spec.replace(threads=a.threads)
-    return _run_report(spec, a.out or DEMO.out, a, a.argv)
+    return _run_report(spec, a.out or compare.DEMO.out, a, a.argv)
 
 
 def cmd_report(a: argparse.Namespace) -> int:
     """`gapnet report`: re-render a comparison from its results.json."""
-    from gapnet import report
-
     results = report.load_results(a.folder)
     folder = Path(a.folder) if Path(a.folder).is_dir() else Path(a.folder).parent
     paths = report.write_report(results, folder)
@@ -641,10 +621,6 @@ def _padding(text: str) -> int | str:
 
 def cmd_explain(a: argparse.Namespace) -> int:
     """`gapnet explain`: one idea as a PNG drawn from real numbers, and its text version."""
-    import dataclasses
-
-    from gapnet import explain
-
     given = {f.name: getattr(a, f.name) for f in dataclasses.fields(explain.Options)}
     options = explain.Options(**{k: v for k, v in given.items() if v is not None})
     out = a.out or f"runs/explain/{a.topic}.png"
@@ -657,8 +633,6 @@ def cmd_explain(a: argparse.Namespace) -> int:
 
 
 def _add_explain_parser(sub: Any) -> None:
-    from gapnet.explain import ASPECT, DPI, TOPICS, WIDTH
-
     heights = ", ".join(f"{t} {ASPECT[t]:g}" for t in TOPICS)
     p = _command(
         sub, "explain", "draw pooling, GAP, heads or a CAM from real numbers (the tutorial's)",
@@ -709,8 +683,6 @@ def _add_explain_parser(sub: Any) -> None:
 
 def cmd_export(a: argparse.Namespace) -> int:
     """`gapnet export`: an ONNX file of a checkpoint, then its parity with PyTorch."""
-    from gapnet import export
-
     _set_threads(a.threads)
     options: dict[str, Any] = {"cams": a.cams, "opset": a.opset}
     if a.sizes:
@@ -726,8 +698,6 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 def cmd_serve(a: argparse.Namespace) -> int:
     """`gapnet serve`: the web demo and its JSON API, until Ctrl-C."""
-    from gapnet import serve
-
     _set_threads(a.threads)
     predictor = serve.load_predictor(a.checkpoint, max_pixels=a.max_pixels)
     serve.run(predictor, host=a.host, port=a.port, max_bytes=a.max_bytes)
@@ -749,9 +719,6 @@ def _command(
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from gapnet.models import ModelConfig
-    from gapnet.train import TrainConfig
-
     groups = add_config_flags(p, TrainConfig, skip=("model_overrides",), aliases=TRAIN_ALIASES)
     add_config_flags(p, ModelConfig, names=MODEL_FLAGS, prefix=_MODEL, groups=groups, group="model")
     g = p.add_argument_group("run")
@@ -795,14 +762,12 @@ def _add_image_args(p: argparse.ArgumentParser, onnx: bool = False) -> None:
 
 def _add_compare_args(p: argparse.ArgumentParser) -> None:
     """One flag per CompareSpec field (`add_config_flags`), ``--robust``, and the run flags."""
-    from gapnet.compare import DEMO, CompareSpec
-
-    groups = add_config_flags(p, CompareSpec, skip=("robust",))
+    groups = add_config_flags(p, compare.CompareSpec, skip=("robust",))
     groups["the robust variant"].add_argument(
         "--robust",
         action=argparse.BooleanOptionalAction,
-        help=f"also train the demo's size-robust variant ({DEMO.spec.robust_head} head, "
-        f"{DEMO.spec.robust}) (default: no)",
+        help=f"also train the demo's size-robust variant ({compare.DEMO.spec.robust_head} head, "
+        f"{compare.DEMO.spec.robust}) (default: no)",
     )
     g = p.add_argument_group("run")
     g.add_argument(
@@ -828,8 +793,6 @@ def _add_run_flags(g: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``gapnet`` argument parser, one subparser per command."""
-    from gapnet import __version__
-
     parser = _Parser(
         prog=PROG,
         formatter_class=_Formatter,
@@ -962,7 +925,6 @@ def build_parser() -> argparse.ArgumentParser:
         --head fc with --head gap to see where an FC classifier's parameters are.""",
         ["gapnet info convnet --head gap", "gapnet info convnet --head fc --input-size 28"],
     )  # fmt: skip
-    from gapnet.models import HEADS, list_models
 
     p.add_argument(
         "model", choices=list_models(), metavar="MODEL", help=f"one of {', '.join(list_models())}"
@@ -1101,7 +1063,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="C",
         help="a checkpoint or its run folder (default: the demo's robust model in runs/demo)",
     )
-    from gapnet import serve
 
     p.add_argument(
         "--host", default=serve.HOST, help=f"address to bind (default {serve.HOST}: this machine)"

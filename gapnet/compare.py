@@ -27,11 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gapnet import inference
+import torch
+
+from gapnet import cam, data, inference
 from gapnet.cam import REGIONS
 from gapnet.config import Config, option
 from gapnet.models import HEADS
 from gapnet.report import CAM_DIR, RESULTS_FORMAT, interval, pooled, recipe
+from gapnet.train import CHECKPOINT, TrainConfig, train
 
 _SWEEP_OWNS = ("head", "train_size", "epochs", "out_dir")  # what each sweep run sets itself
 
@@ -200,8 +203,6 @@ def machine_info() -> dict[str, Any]:
         >>> sorted(machine_info())
         ['cpu', 'gpu', 'platform', 'python', 'threads', 'torch']
     """
-    import torch
-
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -272,8 +273,6 @@ def accuracy_table(
 def _eval_sets(spec: CompareSpec, ds: Any) -> tuple[list[tuple[int, Any]], list[tuple[int, Any]]]:
     """The rescaled test sets and the canvas sets every model is measured on (built once from
     `ds`, the loaded `spec.data`)."""
-    from gapnet import data
-
     test = ds.test if spec.eval_n is None else data.stratified_subset(ds.test, spec.eval_n)
     rescaled = [(s, data.ImageSet(data.rescale(test.images, s), test.labels)) for s in spec.sizes]
     side = max(ds.image_size)
@@ -290,9 +289,7 @@ def _eval_sets(spec: CompareSpec, ds: Any) -> tuple[list[tuple[int, Any]], list[
     return rescaled, canvases
 
 
-def _train_config(spec: CompareSpec, out_dir: Path, name: str, **changes: Any) -> Any:
-    from gapnet.train import TrainConfig
-
+def _train_config(spec: CompareSpec, out_dir: Path, name: str, **changes: Any) -> TrainConfig:
     fields: dict[str, Any] = dict(
         data=spec.data, model=spec.model, epochs=spec.epochs, batch_size=spec.batch_size,
         lr=spec.lr, train_size=spec.train_size, seed=spec.seed, threads=spec.threads,
@@ -303,7 +300,7 @@ def _train_config(spec: CompareSpec, out_dir: Path, name: str, **changes: Any) -
     return TrainConfig(**fields)
 
 
-def robust_config(spec: CompareSpec, out_dir: str | os.PathLike[str]) -> Any:
+def robust_config(spec: CompareSpec, out_dir: str | os.PathLike[str]) -> TrainConfig:
     """The TrainConfig of `spec`'s size-robust variant, trained into out_dir/<head>-robust.
 
     Example:
@@ -316,10 +313,8 @@ def robust_config(spec: CompareSpec, out_dir: str | os.PathLike[str]) -> Any:
     return _train_config(spec, Path(out_dir), name, head=spec.robust_head, **spec.robust)
 
 
-def _train(cfg: Any, progress: bool, reuse: bool) -> Any:
+def _train(cfg: TrainConfig, progress: bool, reuse: bool) -> Any:
     """Train afresh; with `reuse`, a complete run of the same config in its folder is kept."""
-    from gapnet.train import CHECKPOINT, train
-
     if reuse and (cfg.run_dir / CHECKPOINT).is_file():
         try:
             return train(cfg, progress=progress, resume=True)
@@ -419,10 +414,6 @@ def run_compare(
     Returns:
         the results dict `write_report` renders (the shape of results.json).
     """
-    import torch
-
-    from gapnet import data
-
     say = log or (lambda text: print(text, file=sys.stderr, flush=True))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -545,10 +536,6 @@ def _cam_section(
     say: Callable[[str], None],
 ) -> dict[str, Any] | None:
     """The localization table and the overlay grid of the CAM model (PNGs under out/cam/)."""
-    import torch
-
-    from gapnet import cam, data
-
     name = _cam_model(runs)
     if name is None:
         say("CAM section skipped: no head gives class activation maps")

@@ -990,10 +990,10 @@ def place_on_canvas(
 
 def _tight_boxes(images: Tensor) -> Tensor:
     """(x0, y0, x1, y1) of each image's non-zero pixels, ends exclusive; (0, 0, 0, 0) if none."""
-    return _mask_boxes((images != 0).any(dim=1))
+    return mask_boxes((images != 0).any(dim=1))
 
 
-def _mask_boxes(mask: Tensor) -> Tensor:
+def mask_boxes(mask: Tensor) -> Tensor:
     """(x0, y0, x1, y1) of each (H, W) mask's set pixels, ends exclusive; (0, 0, 0, 0) if none.
 
     Shape:

@@ -48,6 +48,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from gapnet import _shapes, cam, data, models, reference
@@ -656,8 +657,6 @@ def figure_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         >>> meta["topic"], meta["command"], meta["labels"]["gap"]
         ('head', 'x', '330')
     """
-    from PIL import Image
-
     with Image.open(path) as im:
         text = getattr(im, "text", {}).get(METADATA_KEY)
     if text is None:

@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import logging
 import math
@@ -68,8 +69,6 @@ INSTALL_HINT = "install the export extra: pip install 'gapnet[export]'"
 
 def _require(module: str) -> Any:
     """Import an optional dependency of the export extra, or say how to install it."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as e:

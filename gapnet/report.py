@@ -33,7 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 from gapnet.checkpoint import atomic_write
+from gapnet.train import TrainConfig
 
 RESULTS_FORMAT = "gapnet.results/1"  # the "format" tag of results.json
 RESULTS_JSON = "results.json"
@@ -103,8 +107,6 @@ def recipe(overrides: dict[str, Any]) -> str:
         >>> recipe({"augmentation": "canvas", "canvas_size": [28, 40], "label_smoothing": 0.0})
         'random canvases 28-40 px, label smoothing 0'
     """
-    from gapnet.train import TrainConfig
-
     parts = []
     rest = dict(overrides)
     augmentation = rest.pop("augmentation", None)
@@ -743,9 +745,6 @@ def _gap_pts(r: dict[str, Any]) -> float:
 
 def _draw_cam_grid(fig: Any, results: dict[str, Any], out: Path) -> None:
     """The CAM overlays (PNGs under out/cam/), one row per canvas size."""
-    import numpy as np
-    from PIL import Image
-
     items = (results.get("cam") or {}).get("grid") or []
     sizes = list(dict.fromkeys(it["size"] for it in items))
     per = max(sum(1 for it in items if it["size"] == s) for s in sizes)

@@ -118,9 +118,9 @@ def test_train_prints_metrics_and_the_checkpoint(runs, tmp_path, capsys):
 
 
 def test_ctrl_c_saves_exits_130_and_resume_finishes(tmp_path, capsys, monkeypatch):
-    import gapnet.train as T
+    from gapnet import cli
 
-    real = T.train
+    real = cli.train  # the name cmd_train calls
 
     def interrupted(cfg, **kwargs):
         def stop(epoch, step):
@@ -129,11 +129,11 @@ def test_ctrl_c_saves_exits_130_and_resume_finishes(tmp_path, capsys, monkeypatc
         return real(cfg, **kwargs, on_step=stop)
 
     argv = ["train", *TINY_TRAIN, "--batch-size", "50", "--out", tmp_path / "r"]
-    monkeypatch.setattr(T, "train", interrupted)
+    monkeypatch.setattr(cli, "train", interrupted)
     code, _, err = run(capsys, *argv)
     assert code == 130 and "interrupted" in err
     assert (tmp_path / "r" / "checkpoint.safetensors").is_file()
-    monkeypatch.setattr(T, "train", real)
+    monkeypatch.setattr(cli, "train", real)
     code, out, _ = run(capsys, *argv, "--resume")
     assert code == 0 and "trained 1 epoch in" in out
 

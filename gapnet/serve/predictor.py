@@ -19,7 +19,9 @@ from typing import Any
 import torch
 
 from gapnet import cam, checkpoint, data, inference
+from gapnet.compare import DEMO, robust_config
 from gapnet.models import GapNet, eval_mode
+from gapnet.train import TrainConfig, train
 
 MAX_PIXELS = 4_000_000  # images over this are refused before they are decoded (2000x2000)
 CAM_THRESHOLD = 0.2  # CAM box threshold on the normalised map, as `gapnet cam`'s default
@@ -175,22 +177,18 @@ class Predictor:
 # ----------------------------------------------------------------------------- the demo model
 
 
-def demo_config() -> Any:
+def demo_config() -> TrainConfig:
     """The TrainConfig of the demo's size-robust model (trained into runs/demo/gem-robust)."""
-    from gapnet.compare import DEMO, robust_config
-
     return robust_config(DEMO.spec, DEMO.out)
 
 
-def demo_checkpoint(cfg: Any = None, *, progress: bool = True) -> Path:
+def demo_checkpoint(cfg: TrainConfig | None = None, *, progress: bool = True) -> Path:
     """The demo model's checkpoint, trained first (with a progress bar) when it is missing.
 
     Args:
         cfg: the TrainConfig to use (default `demo_config()`; tests pass a tiny one).
         progress: show training progress on stderr.
     """
-    from gapnet.train import train
-
     cfg = demo_config() if cfg is None else cfg
     path = cfg.run_dir / checkpoint.CHECKPOINT
     if path.is_file() and checkpoint.load(path).state.get("complete"):
