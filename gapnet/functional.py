@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gapnet import _shapes, _strided, kernels
+from gapnet import _ops, _shapes, _strided, kernels
 from gapnet._shapes import IntPair, Layout, Padding, Window2d
 
 BACKENDS = ("auto", "torch", "triton")
@@ -64,8 +64,6 @@ def _pick_backend(backend: str, x: Tensor, op: str, win: Window2d | None) -> str
         if win is None:  # a global op: "strided" stands for its plane means as a matmul
             return "strided" if _strided.prefers_plane_means(x) else "torch"
         return "strided" if _strided.prefers(x, op, win) else "torch"
-    from gapnet import _ops  # keeps `import gapnet` free of Triton
-
     reason = _ops.unsupported_reason(x, win)
     if reason is None:
         return "triton"
@@ -233,8 +231,6 @@ def max_pool2d(
     lay, use, win = _plan("max_pool2d", x, layout, backend, args, _window, typed=True)
     x4 = x if lay is _NCHW else _to_nchw(x, lay)
     if use == "triton":
-        from gapnet import _ops
-
         y, indices = _ops.max_pool2d(x4, win, return_indices)
     elif use == "strided":  # also the windows PyTorch cannot pad (padding never wins a max)
         y, indices = _strided.max_pool2d(x4, win, return_indices)
@@ -319,8 +315,6 @@ def avg_pool2d(
     lay, use, win = _plan("avg_pool2d", x, layout, backend, args, _avg_window, typed=True)
     x4 = x if lay is _NCHW else _to_nchw(x, lay)
     if use == "triton":
-        from gapnet import _ops
-
         y = _ops.avg_pool2d(x4, win, count_include_pad, divisor_override)
     elif use == "strided":  # also "same" windows, whose padding PyTorch would count
         y = _strided.avg_pool2d(x4, win, count_include_pad, divisor_override)
@@ -641,8 +635,6 @@ def global_pool2d(
     lay, use, _ = _plan("global_pool2d", x, layout, backend, args, _global)
     x4 = x if lay is _NCHW else _to_nchw(x, lay)
     if use == "triton":
-        from gapnet import _ops
-
         y = _ops.global_pool2d(x4, kind, p, eps)
     elif kind == "avg":
         y = _mean_hw(x4, by_matmul=use == "strided")
@@ -729,8 +721,6 @@ def gap_linear(
     lay, use, _ = _plan("gap_linear", x, layout, backend, args, _gap_linear_weights)
     x4 = x if lay is _NCHW else _to_nchw(x, lay)
     if use == "triton":
-        from gapnet import _ops
-
         logits, maps = _ops.gap_linear(x4, weight, bias, return_maps)
     else:
         logits = F.linear(_mean_hw(x4, by_matmul=use == "strided"), weight, bias)

@@ -82,18 +82,7 @@ REQUIRED = {"torch", "numpy", "PIL", "safetensors"}
 # Violations in modules another engineer is rewriting (_shapes, reference, functional, _strided,
 # _ops, kernels, nn): (module, the name the failure names). The lead removes this set once that
 # work is merged; a pair that no longer fails makes `test_pending_is_still_needed` fail.
-PENDING: set[tuple[str, str]] = {
-    # window_pool's launcher allocates its outputs with _strided's helpers: imports upward, and
-    # private names (they belong in kernels, or public in _strided)
-    ("gapnet.kernels.window_pool", "gapnet._strided"),
-    ("gapnet.kernels.window_pool", "_empty_like_format"),
-    ("gapnet.kernels.window_pool", "_offsets_dtype"),
-    # functional uses _strided's private helpers
-    ("gapnet.functional", "_acc_dtype"),
-    ("gapnet.functional", "_is_channels_last"),
-    # functional imports _ops inside five functions
-    ("gapnet.functional", "gapnet._ops"),
-}
+PENDING: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)
