@@ -62,21 +62,21 @@ def batch_logits(
     """
     device = model_device(model)
     fmt = torch.channels_last if is_channels_last(model) else torch.contiguous_format
+
+    def forward(x: Tensor) -> Tensor:  # (B, C, h, w) -> float32 logits (B, K)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            return model(x.contiguous(memory_format=fmt)).float()
+
     with eval_mode(model):
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size].to(device, non_blocking=True)
-            levels = [x] if scales is None else pyramid(x, scales, min_side(model))
-            probs = []
-            for level in levels:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    logits = model(level.contiguous(memory_format=fmt)).float()  # (B, K)
-                if scales is None:
-                    yield start, logits
-                probs.append(logits.softmax(1))
-            if scales is not None:
-                p = torch.stack(probs)  # (L, B, K)
-                best = p.amax(2).argmax(0)  # (B,): each image's most confident level
-                yield start, p[best, torch.arange(len(x), device=device)].clamp_min(1e-30).log()
+            if scales is None:
+                yield start, forward(x)
+                continue
+            levels = pyramid(x, scales, min_side(model))
+            probs = torch.stack([forward(level).softmax(1) for level in levels])  # (L, B, K)
+            best = probs.amax(2).argmax(0)  # (B,): each image's most confident level
+            yield start, probs[best, torch.arange(len(x), device=device)].clamp_min(1e-30).log()
 
 
 def min_side(model: Any) -> int:
