@@ -857,8 +857,9 @@ def freeze_batchnorm(model: nn.Module) -> None:
     statistics and no longer updates them, while its weight and bias still train.
 
     Training at many input scales, each batch's statistics are those of its own scale, but at
-    eval time one set of running statistics serves every scale; a model that ends its training
-    on fixed statistics learns to work with them (docs/research_any_size.md).
+    eval time one set of running statistics serves every scale; this lets a model end its
+    training on the statistics eval uses. In the any-size study it did not close that gap
+    (training accuracy fell at the freeze and did not recover; docs/research_any_size.md).
     """
     for m in model.modules():
         if isinstance(m, BATCHNORMS):
