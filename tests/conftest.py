@@ -20,6 +20,19 @@ if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(scope="session")
+def tiny_gap_run(tmp_path_factory: pytest.TempPathFactory) -> object:
+    """The folder of a gap checkpoint of convnet-tiny trained 1 epoch on 200 mnist-5k images
+    (seconds), shared by the export, serve and browser tests, which only read it."""
+    from gapnet.train import TrainConfig, train  # after TRITON_INTERPRET is set above
+
+    out = tmp_path_factory.mktemp("tiny-run") / "gap"
+    cfg = TrainConfig(data="mnist-5k", model="convnet-tiny", head="gap", epochs=1,
+                      train_size=200, threads=1, out_dir=str(out))  # fmt: skip
+    train(cfg, progress=False)
+    return out
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
     """One torch thread for a module of tiny tensors, where PyTorch's thread pool costs far

@@ -17,7 +17,6 @@ import pytest
 from PIL import Image
 
 from gapnet import data, serve
-from gapnet.train import TrainConfig, train
 
 pytestmark = [pytest.mark.browser, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -42,12 +41,8 @@ def chromium_path():
 
 
 @pytest.fixture(scope="module")
-def base_url(tmp_path_factory):
-    out = tmp_path_factory.mktemp("browser-run") / "gap"
-    cfg = TrainConfig(data="mnist-5k", model="convnet-tiny", head="gap", epochs=1,
-                      train_size=200, threads=1, out_dir=str(out))  # fmt: skip
-    train(cfg, progress=False)
-    with serve.serving(serve.create_app(serve.load_predictor(out))) as url:
+def base_url(tiny_gap_run):
+    with serve.serving(serve.create_app(serve.load_predictor(tiny_gap_run))) as url:
         yield url
 
 

@@ -20,7 +20,6 @@ from torch import nn
 from gapnet import data, export, models
 from gapnet import nn as gnn
 from gapnet.cli import main
-from gapnet.train import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -242,16 +241,6 @@ def test_importing_export_loads_no_onnx():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A gap checkpoint of convnet-tiny trained 1 epoch on 200 mnist-5k images (seconds)."""
-    out = tmp_path_factory.mktemp("run") / "gap"
-    cfg = TrainConfig(data="mnist-5k", model="convnet-tiny", head="gap", epochs=1,
-                      train_size=200, threads=1, out_dir=str(out))  # fmt: skip
-    train(cfg, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def digit_png(tmp_path_factory):
     """A test digit as a 45x37 grayscale PNG."""
     x = data.rescale(data.load("mnist-5k").test.images[:1], (37, 45))[0, 0]
@@ -266,26 +255,28 @@ def cli(capsys, *argv):
     return code, out, err
 
 
-def test_cli_export_then_predict_and_eval_on_the_onnx_file(capsys, tmp_path, tiny_run, digit_png):
+def test_cli_export_then_predict_and_eval_on_the_onnx_file(
+    capsys, tmp_path, tiny_gap_run, digit_png
+):
     out = tmp_path / "gap.onnx"
-    code, text, err = cli(capsys, "export", tiny_run, out, "--cams")
+    code, text, err = cli(capsys, "export", tiny_gap_run, out, "--cams")
     assert code == 0, err
     assert "any H, W >= 4" in text and "40x71" in text
     largest = float(text.split("largest difference ")[1].split()[0])
     assert largest <= TOL
     # predict: the same top class and probabilities on the .onnx as on the checkpoint
     runs = {}
-    for source in (tiny_run, out):
+    for source in (tiny_gap_run, out):
         code, text, err = cli(capsys, "predict", digit_png, "-c", source, "--json")
         assert code == 0, err
         runs[source] = json.loads(text)[0]
-    ckpt, onnx_run = runs[tiny_run], runs[out]
+    ckpt, onnx_run = runs[tiny_gap_run], runs[out]
     assert onnx_run["top_k"][0]["class"] == ckpt["top_k"][0]["class"]
     assert np.abs(np.array(onnx_run["probs"]) - ckpt["probs"]).max() <= TOL
     assert onnx_run["input"] == ckpt["input"] == [1, 37, 45]  # at the image's own size
     # eval: the same accuracy and loss, here on 56x56 canvases
     evals = []
-    for source in (tiny_run, out):
+    for source in (tiny_gap_run, out):
         code, text, err = cli(capsys, "eval", "-c", source, "--canvas", "56", "--n", "100",
                               "--json")  # fmt: skip
         assert code == 0, err

@@ -29,7 +29,7 @@ from PIL import Image
 from gapnet import data, models, serve
 from gapnet.cli import build_parser, main
 from gapnet.serve.predictor import Predictor
-from gapnet.train import TrainConfig, train
+from gapnet.train import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -37,16 +37,8 @@ TINY = dict(data="mnist-5k", model="convnet-tiny", epochs=1, train_size=200, thr
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A trained tiny gap run folder."""
-    out = tmp_path_factory.mktemp("serve-run") / "gap"
-    train(TrainConfig(head="gap", out_dir=str(out), **TINY), progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def predictor(tiny_run):
-    return serve.load_predictor(tiny_run)
+def predictor(tiny_gap_run):
+    return serve.load_predictor(tiny_gap_run)
 
 
 @pytest.fixture(scope="module")
@@ -136,11 +128,11 @@ def test_top_k_lists_that_many_and_never_more_than_the_classes(client):
         assert len(probs) == listed and probs == sorted(probs, reverse=True)
 
 
-def test_health_page_and_docs(client, tiny_run):
+def test_health_page_and_docs(client, tiny_gap_run):
     health = client.get("/api/health").json()
     assert health["status"] == "ok" and health["max_bytes"] == serve.MAX_BYTES
     assert health["model"]["head"] == "gap" and health["model"]["fixed_size"] is None
-    assert health["model"]["source"].startswith(str(tiny_run))
+    assert health["model"]["source"].startswith(str(tiny_gap_run))
     page = client.get("/")
     assert page.status_code == 200 and '<canvas id="canvas"' in page.text
     assert client.get("/docs").status_code == 200
@@ -242,14 +234,14 @@ def test_serve_binds_to_localhost_unless_told(monkeypatch):
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8000
 
 
-def test_the_server_never_unpickles(monkeypatch, tiny_run):
+def test_the_server_never_unpickles(monkeypatch, tiny_gap_run):
     def refuse(*args, **kwargs):
         raise AssertionError("something was unpickled")
 
     for name in ("load", "loads", "Unpickler"):
         monkeypatch.setattr(pickle, name, refuse)
     monkeypatch.setattr(torch, "load", refuse)
-    app = serve.create_app(serve.load_predictor(tiny_run))
+    app = serve.create_app(serve.load_predictor(tiny_gap_run))
     with serve.serving(app) as url:
         r = httpx.post(f"{url}/api/predict", files={"file": ("d.png", PNG)}, timeout=30)
     assert r.status_code == 200
@@ -325,13 +317,13 @@ LOAD_SECONDS = 120  # the whole run must finish in this (it takes seconds)
 
 
 @pytest.fixture(scope="module")
-def served_command(tiny_run):
+def served_command(tiny_gap_run):
     """`gapnet serve` as a user runs it, in its own process (so that its latencies are not
     the test's clients' GIL), on a free loopback port; stopped with SIGTERM."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    argv = [sys.executable, "-m", "gapnet", "serve", "--checkpoint", str(tiny_run),
+    argv = [sys.executable, "-m", "gapnet", "serve", "--checkpoint", str(tiny_gap_run),
             "--port", str(port), "--threads", "1"]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
