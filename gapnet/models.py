@@ -61,6 +61,7 @@ class ModelConfig(Config):
     depth: int = option(2, low=1)  # convnet: conv3x3-BN-ReLU blocks per stage
     ceil_mode: bool = False  # convnet: pools keep an odd last row/column (no pixel is dropped)
     norm: str = option("batch", choices=NORMS)  # convnet: batch, group (8 per group), or none
+    levels: int = option(1, low=1)  # scale space: backbone also on the input /2, /4, ..; max
     input_size: int = option(28, low=1)  # H = W the fc heads are sized for (others: any size)
     fc_hidden: int = option(512, low=0)  # hidden units of the fc heads; 0: a single Linear
     drop_rate: float = option(0.5, low=0, below=1)  # dropout of "fc-dropout" and of NiN
@@ -220,11 +221,62 @@ def _mlpconv(in_chs: int, width: int, kernel_size: int, *cccp: int) -> nn.Sequen
     return nn.Sequential(layers)
 
 
+class ScaleSpace(Backbone):
+    net: Backbone
+
+    """One backbone run on the input and on `levels` - 1 halvings of it, max over the levels.
+
+    A locally scale-invariant network (Kanazawa et al. 2014, "SI-ConvNet"): level k sees the
+    input average-pooled by 2^k (box filter, ceil mode: no pixel dropped), the same weights
+    make its feature map, that map is brought back to level 0's grid (nearest), and the output
+    at each location is the largest response over the levels. A digit drawn 4x larger than the
+    training digits reaches level 2 at the training scale, so the features that recognise it
+    are the ones training made, in one forward pass; the max lets the level at which a feature
+    fires best win, whatever the input's scale. The cost is 1 + 1/4 + 1/16 + ... of level 0.
+
+    Args:
+        backbone: the shared feature extractor (ceil-mode pools, so any level size works).
+        levels: number of scales, 1 (just the backbone) or more.
+
+    Shape:
+        (N, C_in, H, W) -> (N, C, h, w), h and w those of `backbone` on the input itself.
+
+    Example:
+        >>> net = ScaleSpace(ConvNet(1, (8, 16), depth=1, ceil_mode=True, norm="none"), 3)
+        >>> net(torch.randn(2, 1, 28, 20)).shape
+        torch.Size([2, 16, 14, 10])
+    """
+
+    def __init__(self, backbone: Backbone, levels: int) -> None:
+        super().__init__(OrderedDict(net=backbone))
+        self.levels = levels
+        self.num_features = backbone.num_features
+        # the coarsest level, ceil(H / 2^(levels-1)), must reach the backbone's minimum
+        self.min_input_size = (backbone.min_input_size - 1) * 2 ** (levels - 1) + 1
+        self.halve = AvgPool2d(2, ceil_mode=True)  # H -> ceil(H / 2)
+
+    def feature_size(self, size: int) -> int:
+        return self.net.feature_size(size)  # level 0's grid is the output's
+
+    def forward(self, x: Tensor) -> Tensor:
+        net = self.net
+        features = net(x)  # (N, C, h, w): level 0, the grid every level is brought back to
+        for _ in range(1, self.levels):
+            x = self.halve(x)  # (N, C_in, ceil(H / 2), ceil(W / 2))
+            coarse = F.interpolate(net(x), size=features.shape[-2:], mode="nearest")
+            features = torch.maximum(features, coarse)
+        return features
+
+
 def create_backbone(config: ModelConfig) -> Backbone:
-    """The backbone `config.arch` names."""
+    """The backbone `config.arch` names, in a `ScaleSpace` of `config.levels` when > 1."""
     if config.arch == "nin":
-        return NiN(config.in_chans, config.drop_rate)
-    return ConvNet(config.in_chans, config.widths, config.depth, config.ceil_mode, config.norm)
+        backbone: Backbone = NiN(config.in_chans, config.drop_rate)
+    else:
+        backbone = ConvNet(
+            config.in_chans, config.widths, config.depth, config.ceil_mode, config.norm
+        )
+    return ScaleSpace(backbone, config.levels) if config.levels > 1 else backbone
 
 
 # ----------------------------------------------------------------------------- heads
@@ -606,6 +658,11 @@ _MODELS: dict[str, dict[str, Any]] = {
     "convnet": dict(arch="convnet", in_chans=1, widths=(32, 64, 128), depth=2, input_size=28),
     "convnet-tiny": dict(arch="convnet", in_chans=1, widths=(8, 16, 32), depth=1, input_size=28),
     "nin": dict(arch="nin", in_chans=3, input_size=32),
+    # the scale-space convnet of the any-size study: levels 1, 1/2, .., 1/16, so a digit of any
+    # side from 20 to 640 px is 20-40 px at one of them; ceil-mode pools drop no pixel
+    "convnet-scale": dict(
+        arch="convnet", in_chans=1, widths=(16, 32, 64), depth=2, ceil_mode=True, levels=5
+    ),
 }
 
 
@@ -614,7 +671,7 @@ def list_models() -> list[str]:
 
     Example:
         >>> list_models()
-        ['convnet', 'convnet-tiny', 'nin']
+        ['convnet', 'convnet-tiny', 'nin', 'convnet-scale']
     """
     return list(_MODELS)
 

@@ -92,6 +92,18 @@ def test_heads_match_pytorch_at_any_size(tmp_path, head, op):
     assert onnx_model.config == model.config
 
 
+def test_scale_space_exports_at_any_size(tmp_path):
+    # the demo's robust model: its halvings (AveragePool, ceil mode) and the nearest Resize of
+    # each level back to level 0's grid are standard ops, so the file takes any size too
+    model = perturbed(models.create("convnet-tiny", head="gem", ceil_mode=True, levels=4), seed=3)
+    path = tmp_path / "scale_space.onnx"
+    result = export.export(model, path, cams=True, sizes=SIZES)
+    assert result.ok and result.fixed_size is None
+    assert max(max(r.logits_diff, r.cams_diff) for r in result.parity) <= TOL
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"AveragePool", "Resize", "Max"} <= ops
+
+
 def test_fc_head_exports_at_its_one_size(tmp_path):
     model = perturbed(models.create("convnet-tiny", head="fc"), seed=0)
     path = tmp_path / "fc.onnx"

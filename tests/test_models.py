@@ -451,7 +451,10 @@ def test_config_validation(fields, expected):
 
 
 def test_registry():
-    assert M.list_models() == ["convnet", "convnet-tiny", "nin"]
+    assert M.list_models() == ["convnet", "convnet-tiny", "nin", "convnet-scale"]
+    scale = M.create("convnet-scale", head="gem")
+    assert isinstance(scale.backbone, M.ScaleSpace) and scale.backbone.levels == 5
+    assert scale.backbone.min_input_size == 1  # ceil-mode pools: any size
     convnet = M.create("convnet")
     assert convnet.config.widths == (32, 64, 128) and convnet.config.depth == 2
     assert (convnet.config.in_chans, convnet.num_classes, convnet.head.kind) == (1, 10, "gap")
@@ -466,7 +469,7 @@ def test_registry():
     [
         (
             {"name": "resnet50"},
-            "unknown model 'resnet50'; known models: convnet, convnet-tiny, nin",
+            "unknown model 'resnet50'; known models: convnet, convnet-tiny, nin, convnet-scale",
         ),
         ({"name": "convnet", "head": "mlp"}, "unknown head 'mlp'; known heads: fc, fc-dropout"),
         ({"name": "convnet", "width": 3}, r"unknown key 'width'"),  # a typo in an override
@@ -508,3 +511,56 @@ def test_layer_table_shapes():
 
 
 # --------------------------------------------------------------------------- docs
+
+
+# ----------------------------------------------------------------------------- scale space
+
+# (widths, ceil_mode, levels, smallest input): the coarsest level ceil(H / 2^(levels-1)) must
+# still reach the backbone's own minimum
+SCALE_SPACE_MIN_CASES = [
+    ((8, 16), True, 5, 1),  # ceil pools take 1 px, and halving 1 px keeps 1 px
+    ((8, 16), False, 3, 5),  # floor pools need 2 px: 5 -> 3 -> 2
+    ((8, 16, 16), False, 2, 7),  # 4 px: 7 -> 4
+    ((8,), False, 4, 1),  # no pool at all
+]
+
+
+@pytest.mark.parametrize("widths, ceil_mode, levels, smallest", SCALE_SPACE_MIN_CASES)
+def test_scale_space_smallest_input(widths, ceil_mode, levels, smallest):
+    net = tiny(widths=widths, ceil_mode=ceil_mode, levels=levels).eval()
+    assert net.backbone.min_input_size == smallest
+    assert net(randn(1, 1, smallest, smallest + 3)).shape == (1, K)
+    if smallest > 1:
+        with pytest.raises(ValueError, match=f"at least {smallest}x{smallest}"):
+            net(randn(1, 1, smallest - 1, smallest + 3))
+
+
+def test_scale_space_is_the_max_over_halvings():
+    torch.manual_seed(0)
+    net = tiny(ceil_mode=True, levels=3, norm="none").eval()
+    inner = net.backbone.net
+    x = randn(2, 1, 29, 22)
+    half = torch.nn.functional.avg_pool2d(x, 2, ceil_mode=True)
+    quarter = torch.nn.functional.avg_pool2d(half, 2, ceil_mode=True)
+    level0 = inner(x)
+    grid = level0.shape[-2:]
+    want = torch.stack(
+        [level0] + [torch.nn.functional.interpolate(inner(t), size=grid) for t in (half, quarter)]
+    ).amax(0)
+    assert torch.allclose(net.backbone(x), want, atol=1e-6)
+    # the levels share one set of weights: no parameter is added
+    assert net.param_counts() == tiny(ceil_mode=True, levels=1, norm="none").param_counts()
+    assert net.backbone.feature_size(29) == grid[0]
+
+
+def test_scale_space_sees_a_doubled_image_at_its_own_scale():
+    # Doubling an image (each pixel 2x2) and halving it back is exact, so level 1 of the doubled
+    # image is level 0 of the image: every feature the image makes anywhere still reaches the
+    # doubled image's globally max-pooled features (a plain backbone has no such guarantee).
+    torch.manual_seed(0)
+    net = tiny(ceil_mode=True, levels=2, norm="none", head="gmp", num_classes=0).eval()
+    x = randn(3, 1, 28, 28)
+    doubled = x.repeat_interleave(2, -2).repeat_interleave(2, -1)  # (3, 1, 56, 56)
+    own = net.backbone.net(x).amax((2, 3))  # (3, C): the image's features at its own scale
+    assert (net(doubled) >= own - 1e-6).all()
+    assert not (net.backbone.net(doubled).amax((2, 3)) >= own - 1e-6).all()
