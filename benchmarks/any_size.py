@@ -35,6 +35,10 @@ DEEP5C_NONE = {**DEEP5C, "norm": "none"}
 DEEP6C = {"widths": [16, 32, 48, 64, 96, 128], "ceil_mode": True}
 CANVAS = dict(augmentation="canvas", canvas_size=[28, 40])  # today's robust recipe
 SCALE = dict(augmentation="scale", scale_size=[20, 112], canvas_ratio=1.5)
+SS4 = {"widths": [16, 32, 64], "ceil_mode": True, "levels": 4}  # scale space, 4 levels
+SS4_NONE = {**SS4, "norm": "none"}
+SS5 = {**SS4, "levels": 5}  # models.create("convnet-scale")
+SCALE_SS = dict(augmentation="scale", scale_size=[20, 56], canvas_ratio=1.5)
 
 VARIANTS: dict[str, dict] = {
     # today's robust model: GeM, digits on 28-40 px canvases, 3 stages (receptive field 32 px)
@@ -60,6 +64,15 @@ VARIANTS: dict[str, dict] = {
     # the pool, on the 4-stage scale recipe
     "gap-scale": dict(head="gap", model_overrides=DEEP, **SCALE),
     "gmp-scale": dict(head="gmp", model_overrides=DEEP, **SCALE),
+    # a scale space (models.ScaleSpace): the backbone also sees the input halved 1, 2, 3 times,
+    # max over the levels; object scales 20-56 px (each level sees the sizes in one octave)
+    "ss4-gem-none": dict(
+        head="gem", model_overrides=SS4_NONE, lr=2e-3, weight_decay=0.01, **SCALE_SS
+    ),
+    "ss4-gem": dict(head="gem", model_overrides=SS4, **SCALE_SS),
+    "ss4-gem-112": dict(head="gem", model_overrides=SS4, **{**SCALE_SS, "scale_size": [20, 112]}),
+    # ... and halved 4 times: the demo's robust model
+    "ss-gem": dict(head="gem", model_overrides=SS5, **SCALE_SS),
     # depth without the scale augmentation
     "gem-canvas-4": dict(head="gem", model_overrides=DEEP, **CANVAS),
 }
@@ -79,7 +92,7 @@ def eval_sets(n: int | None) -> list[tuple[str, int, data.ImageSet]]:
 def measure(model, sets, scales) -> list[dict]:
     rows = []
     for kind, s, ds in sets:
-        for mode, sc in (("single", None), ("scales", scales)):
+        for mode, sc in (("single", None), ("scales", scales))[: 1 + (scales is not None)]:
             acc, _ = inference.evaluate(model, ds.images, ds.labels, batch_size=128, scales=sc)
             k, n = round(acc * len(ds.labels)), len(ds.labels)
             rows.append(dict(kind=kind, size=s, mode=mode, correct=k, n=n, acc=acc,
@@ -95,16 +108,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-n", type=int, default=None, help="test digits per set (default all)")
     p.add_argument("--out", default="runs/any_size")
     p.add_argument("--threads", type=int, default=BASE["threads"])
+    p.add_argument("--scales", default=",".join(map(str, SCALES)),
+                   help="the pyramid's factors; empty: one pass only")  # fmt: skip
     a = p.parse_args(argv)
     out = Path(a.out)
     sets = eval_sets(a.eval_n)
+    scales = tuple(float(f) for f in a.scales.split(",")) if a.scales else None
     for name in a.variants.split(","):
         for seed in (int(s) for s in a.seeds.split(",")):
             fields = {**BASE, "epochs": a.epochs, "threads": a.threads, **VARIANTS[name]}
             cfg = TrainConfig(**fields, seed=seed, out_dir=str(out / name / f"seed{seed}"))
             t0 = time.perf_counter()
             result = train(cfg, progress=False, overwrite=True)
-            rows = measure(result.model, sets, SCALES)
+            rows = measure(result.model, sets, scales)
             record = dict(variant=name, seed=seed, epochs=a.epochs, config=cfg.to_dict(),
                           train_seconds=result.train_seconds, wall=time.perf_counter() - t0,
                           test_acc=result.test_acc, rows=rows)  # fmt: skip

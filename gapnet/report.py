@@ -106,14 +106,22 @@ def recipe(overrides: dict[str, Any]) -> str:
     Example:
         >>> recipe({"augmentation": "canvas", "canvas_size": [28, 40], "label_smoothing": 0.0})
         'random canvases 28-40 px, label smoothing 0'
+        >>> recipe({"model": "convnet-scale", "augmentation": "scale", "scale_size": [20, 56],
+        ...         "canvas_ratio": 1.5, "model_overrides": {}})
+        'convnet-scale, digits rescaled to 20-56 px on canvases up to 1.5x'
     """
-    parts = []
-    rest = dict(overrides)
+    rest = {k: v for k, v in overrides.items() if v != {}}  # an empty model_overrides says nothing
+    parts = [rest.pop("model")] if "model" in rest else []
     augmentation = rest.pop("augmentation", None)
     shift = rest.pop("shift", TrainConfig.shift)
     canvas = rest.pop("canvas_size", TrainConfig.canvas_size)
+    scale = rest.pop("scale_size", TrainConfig.scale_size)
+    ratio = rest.pop("canvas_ratio", TrainConfig.canvas_ratio)
     if augmentation == "canvas":
         parts.append(f"random canvases {canvas[0]}-{canvas[1]} px")
+    elif augmentation == "scale":
+        on = f" on canvases up to {ratio:g}x" if ratio > 1 else ""
+        parts.append(f"digits rescaled to {scale[0]}-{scale[1]} px{on}")
     elif augmentation == "shift":
         parts.append(f"random shifts of up to {shift} px")
     elif augmentation == "none":
@@ -497,8 +505,17 @@ def _sizes_finding(results: dict[str, Any]) -> str:
         parts.append(
             f"Best on {big}x{big} canvases: {best['name']} ({_cell(best['canvases'][-1])}{tie})."
         )
-    pairs = [
-        (r, next((p for p in runs if p["name"] == r["head"]), None)) for r in runs if r["robust"]
+    plain_pooled = [
+        r
+        for r in runs
+        if not r["robust"]
+        and r.get("canvases")
+        and all(c["acc"] is not None for c in r["canvases"])
+    ]
+    pairs = [  # each robust run against the plain run of its head, else the first pooled one
+        (r, next((p for p in plain_pooled if p["name"] == r["head"]), plain_pooled[0]))
+        for r in runs
+        if r["robust"] and plain_pooled
     ]
     for robust, plain in pairs:
         if plain is None or not robust.get("canvases"):
