@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gapnet import _cpu_kernels as cpu_kernels
 from gapnet._shapes import Window2d, geometry, tap_span, window_of
 from gapnet.kernels import acc_dtype, empty, empty_like_format, is_channels_last, offsets_dtype
 
@@ -390,11 +391,18 @@ def _max_forward(
     x4: Tensor, win: Window2d, need_offsets: bool, need_indices: bool
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """y (N, C, OH, OW) in x4's memory format and, on request, each output's chosen tap as an
-    offset a*kw + b and as a flat h*W + w index (PyTorch's return_indices)."""
+    offset a*kw + b and as a flat h*W + w index (PyTorch's return_indices).
+
+    NCHW-contiguous float32/float64 on CPU run the compiled one-pass kernel where it is
+    available (`gapnet._cpu_kernels`; it gives indices, not offsets).
+    """
     shape = (*x4.shape[:2], *win.out_size)
     y = empty_like_format(x4, shape, x4.dtype)
     off = empty_like_format(x4, shape, offsets_dtype(win)) if need_offsets else None
     indices = empty_like_format(x4, shape, torch.int64) if need_indices else None
+    if off is None and cpu_kernels.takes(x4):
+        cpu_kernels.max_pool2d(x4, win, y, indices)
+        return y, None, indices
     taps = (_taps(win, 0), _taps(win, 1))
     ends = None
     if indices is not None:  # float keys hold flat indices exactly below 2**24
@@ -510,6 +518,12 @@ def _scatter_by_indices(gy: Tensor, indices: Tensor, win: Window2d, channels_las
     ResNet stem (8, 64, 112, 112), 1.9 ms against 10.6 (PyTorch's own backward: 2.2).
     """
     (n, c), (h, w), (oh, ow) = gy.shape[:2], win.in_size, win.out_size
+    gy = gy if channels_last else gy.contiguous()  # a .sum()'s gradient is an expanded view
+    if not channels_last and indices.is_contiguous() and cpu_kernels.takes(gy):
+        # one pass per plane (zero, then add in order): the same sums in the same order
+        gx = empty((n, c, h, w), gy.dtype, gy.device, False)
+        cpu_kernels.max_pool2d_backward(gy, indices, win, gx)
+        return gx
     acc = acc_dtype(gy.dtype)
     gx = empty((n, c, h, w), acc, gy.device, channels_last).zero_()
     g = gy.to(acc)
