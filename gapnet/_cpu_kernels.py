@@ -87,6 +87,8 @@ def enabled() -> bool:
 def available() -> bool:
     """Whether the compiled kernels run here: enabled, and the library built and loaded (the
     first call builds it; a failure warns once and stays a failure for this process)."""
+    if torch.compiler.is_compiling():  # Dynamo traces the backend choice: no build in a trace
+        return enabled() and _state.lib is not None
     return enabled() and _library() is not None
 
 

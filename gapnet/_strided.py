@@ -946,12 +946,23 @@ _DTYPES = {  # (op, needs grad) -> the dtypes that win
 }
 
 
+# With the compiled kernel (`gapnet._cpu_kernels`: NCHW-contiguous float32/float64 max pools)
+# the per-call cost is one ctypes call, plus an autograd Function with backward. PyTorch wins
+# only on small inputs and small planes. One thread (the machine was loaded by other jobs; two
+# threads only measured the scheduler), PyTorch us / compiled us: forward (1, 8, 8, 8) k3 s2
+# 9.9/35, (1, 16, 16, 16) k2 27/53, (1, 64, 16, 16) k3 s2 159/100, (8, 64, 7, 7) k3 s1 949/494;
+# with backward (1, 64, 16, 16) 301/419, (2, 64, 32, 32) 1813/1126, (64, 256, 8, 8) k3 s2
+# 14658/11861.
+_COMPILED_MIN_NUMEL = {False: 1 << 14, True: 1 << 17}  # needs grad -> the smallest input
+
+
 def prefers(x4: Tensor, op: str, win: Window2d) -> bool:
     """Whether this module beats PyTorch's own CPU kernel here (the rule for backend="auto").
 
     Yes for max_pool2d and avg_pool2d on NCHW-contiguous CPU tensors that are large enough, of
     a dtype measured to win, with enough outputs per plane, with or without a gradient; the
-    measurements are in the comment above.
+    measurements are in the comments above. Max pools that the compiled kernel takes
+    (`gapnet._cpu_kernels`) need only be large enough.
 
     Args:
         x4: the (N, C, H, W) input, as the op will see it (its requires_grad counts).
@@ -962,6 +973,8 @@ def prefers(x4: Tensor, op: str, win: Window2d) -> bool:
     key = (op, grad)
     if key not in _MIN_NUMEL or x4.device.type != "cpu" or x4.dim() != 4:
         return False
+    if op == "max_pool2d" and cpu_kernels.takes(x4):
+        return x4.numel() >= _COMPILED_MIN_NUMEL[grad]
     if not x4.is_contiguous() or x4.dtype not in _DTYPES[key] or x4.numel() < _MIN_NUMEL[key]:
         return False
     (oh, ow), stride = win.out_size, max(win.stride)
