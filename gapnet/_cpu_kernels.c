@@ -178,13 +178,7 @@ static int make_plan(plan_t *p, const int64_t *geom) {
 #define TAPS_3X3(STEP)                                                                         \
     STEP(0, 1) STEP(0, 2) STEP(1, 0) STEP(1, 1) STEP(1, 2) STEP(2, 0) STEP(2, 1) STEP(2, 2)
 
-/* one tap after the first (0, 0): values only, then with the chosen tap's offset k */
-#define VALUE_STEP(A, B)                                                                       \
-    {                                                                                          \
-        __typeof__(m) v = s[(A) * rstep + (B) * dw];                                           \
-        bad |= v != v;                                                                         \
-        m = v > m ? v : m;                                                                     \
-    }
+/* one tap after the first (0, 0), with the chosen tap's offset k */
 #define INDEX_STEP(A, B)                                                                       \
     {                                                                                          \
         __typeof__(m) v = s[(A) * rstep + (B) * dw];                                           \
@@ -194,15 +188,31 @@ static int make_plan(plan_t *p, const int64_t *geom) {
         k = take ? (__typeof__(k))((A) * rstep + (B) * dw) : k;                                \
     }
 
-#define DEFINE_WINDOW(NAME, T, TAPS, S)                                                        \
+/* Values only, the window separable: a max over KH rows for each input column the row's
+ * windows cover (into tmp: stride 1, contiguous loads), then over KW columns of that. With
+ * indices this order would break ties column-major, so the indexed kernel below does not. */
+#define DEFINE_WINDOW(NAME, T, KH, KW, S)                                                      \
     static int NAME(const T *restrict src, T *restrict y, int64_t n, int64_t rstep,            \
-                    int64_t dw) {                                                              \
+                    int64_t dw, T *restrict tmp) {                                             \
+        int64_t cols = (n - 1) * (S) + ((KW) - 1) * dw + 1;                                    \
         int bad = 0;                                                                           \
-        for (int64_t j = 0; j < n; j++) {                                                      \
-            const T *s = src + j * (S);                                                        \
-            T m = s[0];                                                                        \
+        for (int64_t c = 0; c < cols; c++) {                                                   \
+            T m = src[c];                                                                      \
             bad |= m != m;                                                                     \
-            TAPS(VALUE_STEP)                                                                   \
+            for (int a = 1; a < (KH); a++) {                                                   \
+                T v = src[a * rstep + c];                                                      \
+                bad |= v != v;                                                                 \
+                m = v > m ? v : m;                                                             \
+            }                                                                                  \
+            tmp[c] = m;                                                                        \
+        }                                                                                      \
+        for (int64_t j = 0; j < n; j++) {                                                      \
+            const T *s = tmp + j * (S);                                                        \
+            T m = s[0];                                                                        \
+            for (int b = 1; b < (KW); b++) {                                                   \
+                T v = s[b * dw];                                                               \
+                m = v > m ? v : m;                                                             \
+            }                                                                                  \
             y[j] = m;                                                                          \
         }                                                                                      \
         return bad;                                                                            \
@@ -256,7 +266,7 @@ static int make_plan(plan_t *p, const int64_t *geom) {
  * one fits (and no NaN is in it), the rest tap by tap. */
 #define DEFINE_ROW(NAME, PART, ONE, T, IT, W22, W33S2, W33S1, W22I, W33S2I, W33S1I)                 \
     static void NAME(const T *restrict x, T *restrict y, IT *restrict id, const plan_t *p,     \
-                     int64_t i) {                                                              \
+                     int64_t i, T *restrict tmp) {                                             \
         const geom_t *g = &p->g;                                                               \
         int64_t lo = p->j_lo, hi = p->j_hi, n = hi - lo;                                       \
         if (!p->fast || n <= 0 || p->a_lo[i] != 0 || p->a_hi[i] != g->kh) {                    \
@@ -273,9 +283,9 @@ static int make_plan(plan_t *p, const int64_t *geom) {
                 bad = W33S2I(src, y + lo, id + lo, base, n, rstep, g->dw);                     \
             else bad = W33S1I(src, y + lo, id + lo, base, n, rstep, g->dw);                    \
         } else {                                                                               \
-            if (p->fast == FAST_2X2_S2) bad = W22(src, y + lo, n, rstep, g->dw);               \
-            else if (p->fast == FAST_3X3_S2) bad = W33S2(src, y + lo, n, rstep, g->dw);        \
-            else bad = W33S1(src, y + lo, n, rstep, g->dw);                                    \
+            if (p->fast == FAST_2X2_S2) bad = W22(src, y + lo, n, rstep, g->dw, tmp);             \
+            else if (p->fast == FAST_3X3_S2) bad = W33S2(src, y + lo, n, rstep, g->dw, tmp);      \
+            else bad = W33S1(src, y + lo, n, rstep, g->dw, tmp);                                  \
         }                                                                                      \
         if (bad) PART(x, y, id, p, i, lo, hi);                                                 \
         for (int64_t j = 0; j < lo; j++) ONE(x, y, id, p, i, j);                               \
@@ -289,12 +299,12 @@ DEFINE_PART(part_f32_i32, tap_f32_i32, float, int32_t)
 DEFINE_PART(part_f32_i64, tap_f32_i64, float, int64_t)
 DEFINE_PART(part_f64_i64, tap_f64_i64, double, int64_t)
 
-DEFINE_WINDOW(win_2x2_s2_f32, float, TAPS_2X2, 2)
-DEFINE_WINDOW(win_3x3_s2_f32, float, TAPS_3X3, 2)
-DEFINE_WINDOW(win_3x3_s1_f32, float, TAPS_3X3, 1)
-DEFINE_WINDOW(win_2x2_s2_f64, double, TAPS_2X2, 2)
-DEFINE_WINDOW(win_3x3_s2_f64, double, TAPS_3X3, 2)
-DEFINE_WINDOW(win_3x3_s1_f64, double, TAPS_3X3, 1)
+DEFINE_WINDOW(win_2x2_s2_f32, float, 2, 2, 2)
+DEFINE_WINDOW(win_3x3_s2_f32, float, 3, 3, 2)
+DEFINE_WINDOW(win_3x3_s1_f32, float, 3, 3, 1)
+DEFINE_WINDOW(win_2x2_s2_f64, double, 2, 2, 2)
+DEFINE_WINDOW(win_3x3_s2_f64, double, 3, 3, 2)
+DEFINE_WINDOW(win_3x3_s1_f64, double, 3, 3, 1)
 DEFINE_WINDOW_INDEXED(win_2x2_s2_f32_i32, float, int32_t, TAPS_2X2, 2)
 DEFINE_WINDOW_INDEXED(win_3x3_s2_f32_i32, float, int32_t, TAPS_3X3, 2)
 DEFINE_WINDOW_INDEXED(win_3x3_s1_f32_i32, float, int32_t, TAPS_3X3, 1)
@@ -312,7 +322,8 @@ DEFINE_ROW(row_f64_i64, part_f64_i64, one_f64_i64, double, int64_t, win_2x2_s2_f
 
 /* planes of 2^31 cells or more: indices need 64 bits, tap by tap */
 static void row_f32_i64(const float *restrict x, float *restrict y, int64_t *restrict id,
-                        const plan_t *p, int64_t i) {
+                        const plan_t *p, int64_t i, float *restrict tmp) {
+    (void)tmp;
     part_f32_i64(x, y, id, p, i, 0, p->g.ow);
 }
 
@@ -354,6 +365,8 @@ static void widen_none(int64_t *restrict dst, const int64_t *restrict src, int64
         int failed = 0;                                                                        \
         _Pragma("omp parallel num_threads(team) if (team > 1)") {                              \
             IT *buf = NULL;                                                                    \
+            T *tmp = (T *)malloc(sizeof(T) * (size_t)(g->w > 0 ? g->w : 1));                   \
+            if (!tmp) __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);                          \
             if (idx && sizeof(IT) != sizeof(int64_t)) {                                        \
                 buf = (IT *)malloc(sizeof(IT) * (size_t)g->ow);                                \
                 if (!buf) __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);                      \
@@ -367,11 +380,12 @@ static void widen_none(int64_t *restrict dst, const int64_t *restrict src, int64
                 for (int64_t i = i0; i < i1; i++) {                                            \
                     int64_t o = (p * g->oh + i) * g->ow;                                       \
                     IT *id = idx ? (buf ? buf : (IT *)(void *)(idx + o)) : NULL;               \
-                    ROW(xp, y + o, id, plan, i);                                               \
+                    ROW(xp, y + o, id, plan, i, tmp);                                          \
                     if (buf) WIDEN(idx + o, buf, g->ow);                                       \
                 }                                                                              \
             }                                                                                  \
             free(buf);                                                                         \
+            free(tmp);                                                                         \
         }                                                                                      \
         return failed ? -1 : 0;                                                                \
     }
