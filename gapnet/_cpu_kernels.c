@@ -1,7 +1,7 @@
 /* Max pooling of NCHW-contiguous float32/float64 planes on the CPU, forward and backward.
  *
- * Plain C99 + OpenMP, no torch headers: gapnet._cpu_kernels compiles it on first use and calls
- * it through ctypes (see that module for why). Every rule here is PyTorch's CPU kernel's:
+ * Plain C99 + POSIX threads, no torch headers: gapnet._cpu_kernels compiles it on first use
+ * and calls it through ctypes (see that module for why). Every rule here is PyTorch's CPU kernel's:
  *
  * - a window scans its in-bounds cells in row-major order with `v > m || isnan(v)`, starting
  *   from m = -inf at its first in-bounds cell: ties go to the first maximum, a window with a
@@ -20,14 +20,14 @@
  * vectorises. The row's running max lives in the output row itself and its indices in a
  * 32-bit buffer (same width as float: one vector lane each), both in L1.
  */
+#define _POSIX_C_SOURCE 200809L /* pthreads, sched_yield */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <pthread.h>
+#include <sched.h>
 
 #define GAPNET_ABI 1
 
@@ -327,18 +327,85 @@ static void row_f32_i64(const float *restrict x, float *restrict y, int64_t *res
     part_f32_i64(x, y, id, p, i, 0, p->g.ow);
 }
 
-/* Work is shared out in items of whole output rows of one plane (a few thousand outputs
- * each), taken from an atomic counter: a thread that the OS deschedules (another process on
- * the core) only leaves its items to the others. */
+/* ------------------------------------------------------------------------- threads
+ * Work is shared out in items (whole output rows of one plane, a few thousand outputs; a
+ * plane in the backward) taken from an atomic counter by the calling thread and by helper
+ * threads started for the call. The caller waits only for the items to be done, never for a
+ * helper to arrive: on a machine where other processes hold the cores, a helper the OS has
+ * not scheduled yet would keep a join (an OpenMP region's end) waiting a whole time slice
+ * (measured: 2x2 pools of 2 ms taking 8 ms); here a late helper finds no work and exits.
+ * Helpers are detached and the job is freed by whoever leaves it last, so nothing outlives
+ * the call but a helper on its way out, and no thread pool is left behind for fork(). */
+
+typedef void (*item_fn)(void *ctx, int64_t item, void *scratch);
+
+typedef struct {
+    int64_t next, done, items; /* claimed, finished, all */
+    int refs, failed;          /* threads still holding the job; a scratch allocation failed */
+    item_fn fn;
+    void *ctx;
+    size_t scratch; /* bytes of scratch per thread */
+} job_t;
+
+static void release(job_t *j) {
+    if (__atomic_sub_fetch(&j->refs, 1, __ATOMIC_ACQ_REL) == 0) free(j);
+}
+
+static void work(job_t *j) {
+    void *scratch = NULL;
+    for (;;) {
+        int64_t item = __atomic_fetch_add(&j->next, 1, __ATOMIC_ACQ_REL);
+        if (item >= j->items) break;
+        if (!scratch && j->scratch) scratch = malloc(j->scratch);
+        if (scratch || !j->scratch) j->fn(j->ctx, item, scratch);
+        else __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&j->done, 1, __ATOMIC_RELEASE);
+    }
+    free(scratch);
+}
+
+static void *helper(void *arg) {
+    job_t *j = (job_t *)arg;
+    work(j);
+    release(j);
+    return NULL;
+}
+
+/* fn(ctx, item, scratch) for items [0, items) on up to `threads` threads; 0, or -1 */
+static int run(item_fn fn, void *ctx, int64_t items, size_t scratch, int threads) {
+    job_t *j = (job_t *)calloc(1, sizeof(job_t));
+    if (!j) return -1;
+    j->items = items;
+    j->fn = fn;
+    j->ctx = ctx;
+    j->scratch = scratch;
+    j->refs = 1;
+    for (int t = 1; t < threads; t++) { /* a helper that cannot start: fewer threads */
+        pthread_attr_t attr;
+        pthread_t id;
+        if (pthread_attr_init(&attr)) break;
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        __atomic_add_fetch(&j->refs, 1, __ATOMIC_RELAXED);
+        if (pthread_create(&id, &attr, helper, j)) __atomic_sub_fetch(&j->refs, 1, __ATOMIC_RELAXED);
+        pthread_attr_destroy(&attr);
+    }
+    work(j);
+    while (__atomic_load_n(&j->done, __ATOMIC_ACQUIRE) < items) sched_yield();
+    int failed = __atomic_load_n(&j->failed, __ATOMIC_RELAXED);
+    release(j);
+    return failed ? -1 : 0;
+}
+
 static int64_t rows_per_item(const geom_t *g) {
     int64_t rows = 4096 / (g->ow > 0 ? g->ow : 1);
     if (rows < 1) rows = 1;
     return rows < g->oh ? rows : g->oh;
 }
 
-static int team_size(int threads, int64_t items, int64_t outputs) {
+/* below ~64K cells of work a thread's start (tens of us) costs more than it saves */
+static int team_size(int threads, int64_t items, int64_t cells) {
     int64_t t = threads < 1 ? 1 : threads;
-    int64_t useful = outputs / 16384; /* below ~16K outputs a fork/join costs more than it saves */
+    int64_t useful = cells / 65536;
     if (t > useful) t = useful;
     if (t > items) t = items;
     return t < 1 ? 1 : (int)t;
@@ -353,41 +420,42 @@ static void widen_none(int64_t *restrict dst, const int64_t *restrict src, int64
     (void)dst, (void)src, (void)n;
 }
 
-/* The forward driver, for one (value type, index type): `row` pools one output row. The
- * 32-bit index buffer (float32 on planes under 2^31 cells) is widened into `idx` per row. */
-#define DEFINE_FORWARD(NAME, ROW, WIDEN, T, IT)                                                       \
+typedef struct {
+    const void *x;
+    void *y;
+    int64_t *idx;
+    const plan_t *plan;
+    int64_t per, chunks; /* output rows per item; items per plane */
+} forward_t;
+
+/* The forward, for one (value type, index type): `ROW` pools one output row. Scratch: the
+ * row kernels' column buffer (W values) and, for float32, the row's 32-bit indices (OW),
+ * widened into `idx` per row. */
+#define DEFINE_FORWARD(NAME, ROW, WIDEN, T, IT)                                                \
+    static void NAME##_item(void *ctx, int64_t item, void *scratch) {                          \
+        const forward_t *f = (const forward_t *)ctx;                                           \
+        const geom_t *g = &f->plan->g;                                                         \
+        int64_t *idx = f->idx;                                                                 \
+        IT *buf = sizeof(IT) != sizeof(int64_t) ? (IT *)scratch : NULL;                        \
+        T *tmp = (T *)((char *)scratch + sizeof(int64_t) * (size_t)g->ow);                     \
+        int64_t p = item / f->chunks, i0 = (item % f->chunks) * f->per;                        \
+        int64_t i1 = i0 + f->per < g->oh ? i0 + f->per : g->oh;                                \
+        const T *xp = (const T *)f->x + p * g->h * g->w;                                       \
+        for (int64_t i = i0; i < i1; i++) {                                                    \
+            int64_t o = (p * g->oh + i) * g->ow;                                               \
+            IT *id = idx ? (buf ? buf : (IT *)(void *)(idx + o)) : NULL;                       \
+            ROW(xp, (T *)f->y + o, id, f->plan, i, tmp);                                       \
+            if (idx && buf) WIDEN(idx + o, buf, g->ow);                                        \
+        }                                                                                      \
+    }                                                                                          \
     static int NAME(const T *x, T *y, int64_t *idx, const plan_t *plan, int threads) {         \
         const geom_t *g = &plan->g;                                                            \
-        int64_t per = rows_per_item(g);                                                        \
-        int64_t chunks = (g->oh + per - 1) / per, items = g->planes * chunks;                  \
-        int team = team_size(threads, items, g->planes * g->oh * g->ow);                       \
-        int64_t next = 0;                                                                      \
-        int failed = 0;                                                                        \
-        _Pragma("omp parallel num_threads(team) if (team > 1)") {                              \
-            IT *buf = NULL;                                                                    \
-            T *tmp = (T *)malloc(sizeof(T) * (size_t)(g->w > 0 ? g->w : 1));                   \
-            if (!tmp) __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);                          \
-            if (idx && sizeof(IT) != sizeof(int64_t)) {                                        \
-                buf = (IT *)malloc(sizeof(IT) * (size_t)g->ow);                                \
-                if (!buf) __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);                      \
-            }                                                                                  \
-            for (;;) {                                                                         \
-                int64_t item = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);                 \
-                if (item >= items || __atomic_load_n(&failed, __ATOMIC_RELAXED)) break;        \
-                int64_t p = item / chunks, i0 = (item % chunks) * per;                         \
-                int64_t i1 = i0 + per < g->oh ? i0 + per : g->oh;                              \
-                const T *xp = x + p * g->h * g->w;                                             \
-                for (int64_t i = i0; i < i1; i++) {                                            \
-                    int64_t o = (p * g->oh + i) * g->ow;                                       \
-                    IT *id = idx ? (buf ? buf : (IT *)(void *)(idx + o)) : NULL;               \
-                    ROW(xp, y + o, id, plan, i, tmp);                                          \
-                    if (buf) WIDEN(idx + o, buf, g->ow);                                       \
-                }                                                                              \
-            }                                                                                  \
-            free(buf);                                                                         \
-            free(tmp);                                                                         \
-        }                                                                                      \
-        return failed ? -1 : 0;                                                                \
+        forward_t f = {x, y, idx, plan, rows_per_item(g), 0};                                  \
+        f.chunks = (g->oh + f.per - 1) / f.per;                                                \
+        int64_t items = g->planes * f.chunks;                                                  \
+        int team = team_size(threads, items, g->planes * g->h * g->w);                         \
+        size_t scratch = sizeof(int64_t) * (size_t)g->ow + sizeof(T) * (size_t)g->w;           \
+        return run(NAME##_item, &f, items, scratch, team);                                     \
     }
 
 DEFINE_FORWARD(forward_f32_i32, row_f32_i32, widen, float, int32_t)
@@ -395,7 +463,7 @@ DEFINE_FORWARD(forward_f32_i64, row_f32_i64, widen_none, float, int64_t)
 DEFINE_FORWARD(forward_f64_i64, row_f64_i64, widen_none, double, int64_t)
 
 /* y (planes, OH, OW) = max over the windows of x (planes, H, W); idx (same shape) the flat
- * index of each max, or NULL for values only. Returns 0, or -1 if a buffer could not be had. */
+ * index of each max, or NULL for values only. Returns 0, or -1 if memory could not be had. */
 int gapnet_max_pool2d_f32(const float *x, float *y, int64_t *idx, const int64_t *geom,
                           int threads) {
     plan_t p;
@@ -415,33 +483,38 @@ int gapnet_max_pool2d_f64(const double *x, double *y, int64_t *idx, const int64_
     return rc;
 }
 
+typedef struct {
+    const void *gy;
+    const int64_t *idx;
+    void *gx;
+    int64_t hw, n; /* cells of a plane, outputs of a plane */
+    int bad;       /* an index outside its plane */
+} backward_t;
+
 /* gx (planes, H, W) = 0, then gx[p][idx[p][k]] += gy[p][k] for the outputs k of each plane in
  * order. Returns 0, or -2 if an index lies outside its plane (gx is then incomplete). */
 #define DEFINE_BACKWARD(NAME, T)                                                               \
+    static void NAME##_item(void *ctx, int64_t p, void *scratch) {                             \
+        backward_t *b = (backward_t *)ctx;                                                     \
+        T *dst = (T *)b->gx + p * b->hw;                                                       \
+        const T *src = (const T *)b->gy + p * b->n;                                            \
+        const int64_t *at = b->idx + p * b->n;                                                 \
+        (void)scratch;                                                                         \
+        memset(dst, 0, sizeof(T) * (size_t)b->hw);                                             \
+        for (int64_t k = 0; k < b->n; k++) {                                                   \
+            if ((uint64_t)at[k] >= (uint64_t)b->hw) {                                          \
+                __atomic_store_n(&b->bad, 1, __ATOMIC_RELAXED);                                \
+                return;                                                                        \
+            }                                                                                  \
+            dst[at[k]] += src[k];                                                              \
+        }                                                                                      \
+    }                                                                                          \
     int NAME(const T *gy, const int64_t *idx, T *gx, const int64_t *geom, int threads) {       \
         geom_t g = read_geom(geom);                                                            \
-        int64_t hw = g.h * g.w, n = g.oh * g.ow;                                               \
-        int team = team_size(threads, g.planes, g.planes * (n > hw ? n : hw));                 \
-        int64_t next = 0;                                                                      \
-        int bad = 0;                                                                           \
-        _Pragma("omp parallel num_threads(team) if (team > 1)") {                              \
-            for (;;) {                                                                         \
-                int64_t p = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);                    \
-                if (p >= g.planes) break;                                                      \
-                T *dst = gx + p * hw;                                                          \
-                const T *src = gy + p * n;                                                     \
-                const int64_t *at = idx + p * n;                                               \
-                memset(dst, 0, sizeof(T) * (size_t)hw);                                        \
-                for (int64_t k = 0; k < n; k++) {                                              \
-                    if ((uint64_t)at[k] >= (uint64_t)hw) {                                     \
-                        __atomic_store_n(&bad, 1, __ATOMIC_RELAXED);                           \
-                        break;                                                                 \
-                    }                                                                          \
-                    dst[at[k]] += src[k];                                                      \
-                }                                                                              \
-            }                                                                                  \
-        }                                                                                      \
-        return bad ? -2 : 0;                                                                   \
+        backward_t b = {gy, idx, gx, g.h * g.w, g.oh * g.ow, 0};                               \
+        int team = team_size(threads, g.planes, g.planes * (b.n > b.hw ? b.n : b.hw));         \
+        if (run(NAME##_item, &b, g.planes, 0, team)) return -1;                                \
+        return __atomic_load_n(&b.bad, __ATOMIC_RELAXED) ? -2 : 0;                             \
     }
 
 DEFINE_BACKWARD(gapnet_max_pool2d_backward_f32, float)

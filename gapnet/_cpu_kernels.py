@@ -4,17 +4,20 @@ Why compiled code: PyTorch's CPU max_pool2d walks an NCHW window element by elem
 strided-view path of `gapnet._strided` is a dozen whole-tensor ops, each a pass over memory
 (0.10-0.18 of the copy floor on NCHW max-pool forward). Written as a loop, a window max is one
 pass over the input: `_cpu_kernels.c` pools an output row at a time, its unrolled 2x2 / 3x3
-windows vectorised by the compiler, with OpenMP threads over planes and rows; its backward
+windows vectorised by the compiler, on threads that share out rows and planes; its backward
 zeroes each plane of the gradient and adds every output's gradient at its index, in order.
+Threads: ``torch.get_num_threads()`` of them (so torch.set_num_threads holds), started per call
+as POSIX threads rather than an OpenMP team: the caller never waits for a helper the OS has not
+scheduled yet (another process on the core), which an OpenMP region's closing join does (one
+time slice, measured 2 ms pools taking 8 ms on this loaded 2-core machine).
 
 Why plain C through ctypes, not a torch C++ extension: a C file that includes no torch header
 builds in about a second with the system compiler, where an extension takes a minute, wants
 ninja and must match torch's C++ ABI; ctypes needs no package, releases the GIL during the
 call and works with any torch version. The C sees raw pointers, so the calls here check dtype,
-device and contiguity first (`takes`). The OpenMP runtime is torch's own: torch loads its
-``libgomp.so.1`` before this library, whose dependency of that name then resolves to it.
+device and contiguity first (`takes`).
 
-Build: on first use, with ``$CC`` (else sysconfig's CC, else ``cc``), ``-O3 -fopenmp -shared
+Build: on first use, with ``$CC`` (else sysconfig's CC, else ``cc``), ``-O3 -pthread -shared
 -fPIC``, into ``$GAPNET_CACHE`` (default ``~/.cache/gapnet``) ``/cpu-<hash>/``, the hash of the
 source, the compiler's ``--version`` and the flags. Each build writes a temporary file in that
 directory and renames it into place, so threads or processes that build at once never load a
@@ -54,8 +57,7 @@ DTYPES = (torch.float32, torch.float64)  # float16/bfloat16 stay on the strided-
 _SOURCE = Path(__file__).with_name("_cpu_kernels.c")
 # No -march=native: the cache key would then have to name the CPU, and the measured gain of
 # AVX2 over SSE2 here was nil (the kernel is bound by memory and by its compares).
-_FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC")
-_OPENMP = "-fopenmp"  # where the compiler lacks it, the build retries without (one thread)
+_FLAGS = ("-O3", "-std=c99", "-pthread", "-shared", "-fPIC")
 _ABI = 1  # gapnet_abi() of the source this module was written against
 # each is int f(pointer, pointer, pointer, const int64_t *geometry, int threads)
 _SYMBOLS = (
@@ -267,7 +269,7 @@ def _build() -> Path:
     except (OSError, subprocess.SubprocessError) as error:
         raise _Unavailable(f"the C compiler {cc[0]!r} does not run: {error}") from None
     source = _SOURCE.read_bytes()
-    parts = [source, version.encode(), " ".join([*cc, *_FLAGS, _OPENMP]).encode()]
+    parts = [source, version.encode(), " ".join([*cc, *_FLAGS]).encode()]
     key = hashlib.sha256(b"\0".join([*parts, platform.machine().encode()])).hexdigest()[:16]
     target = cache_dir() / f"cpu-{key}" / "_cpu_kernels.so"
     if target.exists():
@@ -276,29 +278,27 @@ def _build() -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise _Unavailable(f"cannot create the cache directory {target.parent}: {error}") from None
-    errors = []
-    for flags in ((*_FLAGS, _OPENMP), _FLAGS):  # without OpenMP: one thread, still one pass
-        try:
-            fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".build-", dir=target.parent)
-            os.close(fd)
-        except OSError as error:
-            raise _Unavailable(f"cannot write to {target.parent}: {error}") from None
-        try:
-            done = subprocess.run(
-                [*cc, *flags, "-o", tmp, str(_SOURCE)],
-                capture_output=True, text=True, timeout=300, check=False,
-            )  # fmt: skip
-            if done.returncode == 0:
-                os.chmod(tmp, 0o755)  # mkstemp made it private; the cache may be shared
-                os.replace(tmp, target)  # atomic: a reader sees no file or a whole one
-                return target
-            errors.append(done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"])
-        except (OSError, subprocess.SubprocessError) as error:
-            errors.append([str(error)])
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    raise _Unavailable(f"the C build failed: {errors[0][0]}")
+    try:
+        fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".build-", dir=target.parent)
+        os.close(fd)
+    except OSError as error:
+        raise _Unavailable(f"cannot write to {target.parent}: {error}") from None
+    try:
+        done = subprocess.run(
+            [*cc, *_FLAGS, "-o", tmp, str(_SOURCE)],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            last = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+            raise _Unavailable(f"the C build failed: {last[0]}")
+        os.chmod(tmp, 0o755)  # mkstemp made it private; the cache may be shared
+        os.replace(tmp, target)  # atomic: a reader sees no file or a whole one
+        return target
+    except (OSError, subprocess.SubprocessError) as error:
+        raise _Unavailable(f"the C build failed: {error}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _load(path: Path) -> ctypes.CDLL:

@@ -1,5 +1,8 @@
 """Max and average pooling composed from strided views of the input: pure torch ops, any device.
 
+(On CPU, NCHW-contiguous float32/float64 max pools run the compiled one-pass kernel of
+`gapnet._cpu_kernels` instead, where it builds; these views are its fallback.)
+
 Tap (a, b) of output (i, j) reads input cell ``(i*sh - pad_top + a*dh, j*sw - pad_left + b*dw)``,
 so one tap over all outputs is a strided view of the input and a pool is a few whole-tensor ops.
 PyTorch's CPU ``max_pool2d`` on NCHW-contiguous tensors walks each window element by element and
