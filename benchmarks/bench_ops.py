@@ -8,10 +8,12 @@ fraction of the bytes-moved floor at the measured copy bandwidth; peak memory of
 forward+backward; and a NiN training step with gapnet's kernels vs PyTorch's pooling.
 
 CPU (``--device cpu``): gapnet (backend "auto"), PyTorch eager, ``torch.compile`` of PyTorch's
-op and ``torch.compile`` of gapnet's op, with the same threads, fp32, NCHW and channels_last,
-forward and forward+backward, median wall time of runs interleaved with each other (see
-`cpu_times`), and gapnet's time as a fraction of the bytes-moved floor at the measured CPU copy
-bandwidth (`cpu_copy_bandwidth`). The peer to beat is the faster of eager and compile.
+op and ``torch.compile`` of gapnet's op, and for max pools gapnet with its compiled CPU kernels
+off (``GAPNET_CPU_KERNELS=0``: the strided-view path), with the same threads, fp32, NCHW and
+channels_last, forward and forward+backward, median wall time of runs interleaved with each
+other (see `cpu_times`), and gapnet's time as a fraction of the bytes-moved floor at the
+measured CPU copy bandwidth (`cpu_copy_bandwidth`). The peer to beat is the faster of eager
+and compile.
 
 Prints one table last and appends it to ``benchmarks/RESULTS.md`` with the device, versions,
 date and git revision. Inputs are random normal (never zeros).
@@ -42,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shapes import CPU_CASES, GPU_CASES, Case
 
 import gapnet.functional as GF
+from gapnet import _cpu_kernels as cpu_kernels
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 MiB = 1 << 20
@@ -200,6 +203,26 @@ def time_impl(case, op, x, extra, device, bandwidth) -> dict:
     return out
 
 
+NO_C = "gapnet no C"  # gapnet with its compiled CPU kernels off: the strided-view path
+
+
+def without_compiled(fn: Callable[[], object]) -> Callable[[], object]:
+    """fn run with GAPNET_CPU_KERNELS=0 (forward and backward both inside)."""
+
+    def run() -> object:
+        old = os.environ.get(cpu_kernels.ENV_SWITCH)
+        os.environ[cpu_kernels.ENV_SWITCH] = "0"
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ[cpu_kernels.ENV_SWITCH]
+            else:
+                os.environ[cpu_kernels.ENV_SWITCH] = old
+
+    return run
+
+
 def cpu_row(case: Case, impls: dict, x: torch.Tensor, extra: dict) -> dict:
     """CPU forward and forward+backward medians of every implementation, timed interleaved."""
     xg = x.detach().requires_grad_(True)
@@ -210,6 +233,9 @@ def cpu_row(case: Case, impls: dict, x: torch.Tensor, extra: dict) -> dict:
         name: (lambda op=op: torch.autograd.grad(op(case, xg, extra), grad_inputs(xg, extra), g))
         for name, op in impls.items()
     }
+    for fns in (fwd, both):
+        if NO_C in fns:
+            fns[NO_C] = without_compiled(fns[NO_C])
     row = {}
     for part, fns in (("fwd", fwd), ("fwd+bwd", both)):
         for name, seconds in cpu_times(fns).items():
@@ -234,6 +260,8 @@ def run_row(case, dtype, channels_last, device, bandwidth, compile_too) -> dict:
     }  # fmt: skip
     impls = {"gapnet": gapnet_op, "eager": pytorch_op}
     if device == "cpu":
+        if case.op == "max_pool2d":  # the op the compiled kernels serve
+            impls[NO_C] = gapnet_op
         if compile_too:
             torch._dynamo.reset()  # every row compiles afresh, within the cache's limits
             impls["compile"] = compiled(case, pytorch_op)
@@ -335,11 +363,12 @@ def call_overhead(device: str) -> str:
 # ----------------------------------------------------------------------------- the table
 
 
-CPU_IMPLS = ("gapnet", "eager", "compile", "compile gapnet")
+CPU_IMPLS = ("gapnet", "eager", "compile", "compile gapnet", NO_C)
 
 
 def cpu_lines(rows: list[dict], bandwidth: float) -> list[list[str]]:
-    """One line per row and pass: ms of each impl, gapnet vs the faster peer, floor fraction."""
+    """One line per row and pass: ms of each impl, gapnet vs the faster peer, floor fractions
+    (of gapnet, and of gapnet without its compiled kernels where that was timed)."""
     lines = []
     for r in rows:
         for part in ("fwd", "fwd+bwd"):
@@ -347,11 +376,12 @@ def cpu_lines(rows: list[dict], bandwidth: float) -> list[list[str]]:
             peer = min(t for t in times[1:3] if t is not None)
             best_gapnet = min(t for t in (times[0], times[3]) if t is not None)
             floor = r[f"floor {part}"] / bandwidth
+            no_c = "-" if times[4] is None else f"{floor / times[4]:.2f}"
             lines.append([
                 r["label"], r["shape"], r["layout"], part,
                 *("-" if t is None else f"{t * 1e3:.3f}" for t in times),
                 f"{peer / times[0]:.2f}x", f"{peer / best_gapnet:.2f}x",
-                f"{floor / times[0]:.2f}",
+                f"{floor / times[0]:.2f}", no_c,
             ])  # fmt: skip
     return lines
 
@@ -360,8 +390,8 @@ def format_table(rows: list[dict], device: str, bandwidth: float | None = None) 
     if device == "cpu":
         assert bandwidth is not None
         head = ["case", "shape", "layout", "pass", "gapnet ms", "eager ms", "compile ms",
-                "compile(gapnet) ms", "gapnet vs peer", "best gapnet vs peer",
-                "gapnet / floor"]  # fmt: skip
+                "compile(gapnet) ms", "gapnet no C ms", "gapnet vs peer",
+                "best gapnet vs peer", "gapnet / floor", "no C / floor"]  # fmt: skip
         lines = cpu_lines(rows, bandwidth)
     else:
         head = ["case", "dtype", "layout", "pass", "gapnet us (floor)", "eager us (floor)",
@@ -422,12 +452,17 @@ def main() -> None:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--only", default="", help="run cases whose label contains this")
+    parser.add_argument("--op", default="", help="run cases of this op (e.g. max_pool2d)")
     parser.add_argument("--no-save", action="store_true", help="don't append to RESULTS.md")
     args = parser.parse_args()
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA GPU here")
-    cases = [c for c in (GPU_CASES if device == "cuda" else CPU_CASES) if args.only in c.label]
+    cases = [
+        c
+        for c in (GPU_CASES if device == "cuda" else CPU_CASES)
+        if args.only in c.label and args.op in ("", c.op)
+    ]
     dtypes = (torch.float32, torch.bfloat16) if device == "cuda" else (torch.float32,)
     bandwidth = copy_bandwidth() if device == "cuda" else cpu_copy_bandwidth()
     rows = []
@@ -443,7 +478,7 @@ def main() -> None:
                 rows.append(row)
                 print("done", case.label, str(dtype)[6:], row["layout"], flush=True)
     notes = [nin_step_ratio()] if device == "cuda" else []
-    if not args.only:
+    if not (args.only or args.op):
         notes.append(call_overhead(device))
     if device == "cuda":
         for r in rows:

@@ -1,5 +1,8 @@
 """Max and average pooling composed from strided views of the input: pure torch ops, any device.
 
+(On CPU, NCHW-contiguous float32/float64 max pools run the compiled one-pass kernel of
+`gapnet._cpu_kernels` instead, where it builds; these views are its fallback.)
+
 Tap (a, b) of output (i, j) reads input cell ``(i*sh - pad_top + a*dh, j*sw - pad_left + b*dw)``,
 so one tap over all outputs is a strided view of the input and a pool is a few whole-tensor ops.
 PyTorch's CPU ``max_pool2d`` on NCHW-contiguous tensors walks each window element by element and
@@ -41,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gapnet import _cpu_kernels as cpu_kernels
 from gapnet._shapes import Window2d, geometry, tap_span, window_of
 from gapnet.kernels import acc_dtype, empty, empty_like_format, is_channels_last, offsets_dtype
 
@@ -390,11 +394,18 @@ def _max_forward(
     x4: Tensor, win: Window2d, need_offsets: bool, need_indices: bool
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """y (N, C, OH, OW) in x4's memory format and, on request, each output's chosen tap as an
-    offset a*kw + b and as a flat h*W + w index (PyTorch's return_indices)."""
+    offset a*kw + b and as a flat h*W + w index (PyTorch's return_indices).
+
+    NCHW-contiguous float32/float64 on CPU run the compiled one-pass kernel where it is
+    available (`gapnet._cpu_kernels`; it gives indices, not offsets).
+    """
     shape = (*x4.shape[:2], *win.out_size)
     y = empty_like_format(x4, shape, x4.dtype)
     off = empty_like_format(x4, shape, offsets_dtype(win)) if need_offsets else None
     indices = empty_like_format(x4, shape, torch.int64) if need_indices else None
+    if off is None and cpu_kernels.takes(x4):
+        cpu_kernels.max_pool2d(x4, win, y, indices)
+        return y, None, indices
     taps = (_taps(win, 0), _taps(win, 1))
     ends = None
     if indices is not None:  # float keys hold flat indices exactly below 2**24
@@ -510,6 +521,12 @@ def _scatter_by_indices(gy: Tensor, indices: Tensor, win: Window2d, channels_las
     ResNet stem (8, 64, 112, 112), 1.9 ms against 10.6 (PyTorch's own backward: 2.2).
     """
     (n, c), (h, w), (oh, ow) = gy.shape[:2], win.in_size, win.out_size
+    gy = gy if channels_last else gy.contiguous()  # a .sum()'s gradient is an expanded view
+    if not channels_last and indices.is_contiguous() and cpu_kernels.takes(gy):
+        # one pass per plane (zero, then add in order): the same sums in the same order
+        gx = empty((n, c, h, w), gy.dtype, gy.device, False)
+        cpu_kernels.max_pool2d_backward(gy, indices, win, gx)
+        return gx
     acc = acc_dtype(gy.dtype)
     gx = empty((n, c, h, w), acc, gy.device, channels_last).zero_()
     g = gy.to(acc)
@@ -932,12 +949,23 @@ _DTYPES = {  # (op, needs grad) -> the dtypes that win
 }
 
 
+# With the compiled kernel (`gapnet._cpu_kernels`: NCHW-contiguous float32/float64 max pools)
+# the per-call cost is one ctypes call, plus an autograd Function with backward. PyTorch wins
+# only on small inputs and small planes. One thread (the machine was loaded by other jobs; two
+# threads only measured the scheduler), PyTorch us / compiled us: forward (1, 8, 8, 8) k3 s2
+# 9.9/35, (1, 16, 16, 16) k2 27/53, (1, 64, 16, 16) k3 s2 159/100, (8, 64, 7, 7) k3 s1 949/494;
+# with backward (1, 64, 16, 16) 301/419, (2, 64, 32, 32) 1813/1126, (64, 256, 8, 8) k3 s2
+# 14658/11861.
+_COMPILED_MIN_NUMEL = {False: 1 << 14, True: 1 << 17}  # needs grad -> the smallest input
+
+
 def prefers(x4: Tensor, op: str, win: Window2d) -> bool:
     """Whether this module beats PyTorch's own CPU kernel here (the rule for backend="auto").
 
     Yes for max_pool2d and avg_pool2d on NCHW-contiguous CPU tensors that are large enough, of
     a dtype measured to win, with enough outputs per plane, with or without a gradient; the
-    measurements are in the comment above.
+    measurements are in the comments above. Max pools that the compiled kernel takes
+    (`gapnet._cpu_kernels`) need only be large enough.
 
     Args:
         x4: the (N, C, H, W) input, as the op will see it (its requires_grad counts).
@@ -948,6 +976,8 @@ def prefers(x4: Tensor, op: str, win: Window2d) -> bool:
     key = (op, grad)
     if key not in _MIN_NUMEL or x4.device.type != "cpu" or x4.dim() != 4:
         return False
+    if op == "max_pool2d" and cpu_kernels.takes(x4):
+        return x4.numel() >= _COMPILED_MIN_NUMEL[grad]
     if not x4.is_contiguous() or x4.dtype not in _DTYPES[key] or x4.numel() < _MIN_NUMEL[key]:
         return False
     (oh, ow), stride = win.out_size, max(win.stride)

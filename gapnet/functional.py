@@ -7,8 +7,9 @@ views the result back into the input's layout.
 Backends: ``"torch"`` runs PyTorch's own pooling ops; ``"triton"`` runs gapnet's Triton kernels
 (CUDA, or the CPU interpreter under ``TRITON_INTERPRET=1``); ``"auto"`` (the default) picks the
 kernels for CUDA tensors of the dtypes they take when Triton is installed, on CPU gapnet's
-strided-view max and average pooling (`gapnet._strided`) where it was measured faster than
-PyTorch's kernel, and PyTorch otherwise. Pick one per call with ``backend=``, or for a block of
+strided-view max and average pooling (`gapnet._strided`; its NCHW float32/float64 max pools run
+compiled C where a C compiler is found, `gapnet._cpu_kernels`) where it was measured faster
+than PyTorch's kernel, and PyTorch otherwise. Pick one per call with ``backend=``, or for a block of
 code with ``use_backend(...)``. PyTorch has no asymmetric padding, so ``padding="same"``
 windows that need it always run on the strided-view path unless the kernels take them.
 """

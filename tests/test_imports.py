@@ -60,6 +60,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("gapnet.functional",),
     # the CPU paths and the kernels as autograd Functions
     ("gapnet._ops", "gapnet._strided"),
+    # compiled C for CPU max pooling, built on first use and loaded by ctypes
+    ("gapnet._cpu_kernels",),
     # Triton only
     ("gapnet.kernels", "gapnet.kernels.global_pool", "gapnet.kernels.window_pool"),
     # the NumPy spec: tests and docs use it (and explain, for its pictures)

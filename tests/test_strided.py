@@ -10,6 +10,7 @@ on channels_last inputs. Outputs are poisoned: every buffer the module allocates
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from cases import AVG_POOL_CASES, MAX_POOL_CASES, Case
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from gapnet import _cpu_kernels as cpu_kernels
 from gapnet import _strided
 from gapnet import functional as GF
 from gapnet._shapes import Window2d, window2d
@@ -61,14 +63,15 @@ STRIDED_AVG_CASES = [
 
 BLOCKS = [_strided._BLOCK_BYTES, 1]  # default; one plane (or image) per block
 
-# How the module runs: (block bytes, max backward by flat index, worker threads). "by-tap" is
-# the backward that devices other than the CPU take, run here with one plane per block in the
-# calling thread, as where no OpenMP runtime is found; "blocked" spreads one-plane blocks over
-# the worker threads.
+# How the module runs: (block bytes, max backward by flat index, worker threads, compiled
+# kernel). "default" runs NCHW float32/float64 max pools in the compiled C where it builds
+# (`gapnet._cpu_kernels`); the others run strided views only. "by-tap" is the backward that
+# devices other than the CPU take, run here with one plane per block in the calling thread, as
+# where no OpenMP runtime is found; "blocked" spreads one-plane blocks over the worker threads.
 VARIANTS = {
-    "default": (BLOCKS[0], True, True),
-    "blocked": (1, True, True),
-    "by-tap": (1, False, False),
+    "default": (BLOCKS[0], True, True, True),
+    "blocked": (1, True, True, False),
+    "by-tap": (1, False, False, False),
 }
 
 
@@ -90,18 +93,25 @@ def poisoned(monkeypatch):
     monkeypatch.setattr(_strided, "empty_like_format", poisoned_like)
 
 
-def _set_variant(block_bytes: int, by_index: bool, workers: bool) -> tuple:
+def _set_variant(block_bytes: int, by_index: bool, workers: bool, compiled: bool) -> tuple:
     """Switch the module to a variant; returns what to pass back to restore it."""
-    old = (_strided._BLOCK_BYTES, _strided._by_indices, _strided._pool)
+    switch = cpu_kernels.ENV_SWITCH
+    old = (_strided._BLOCK_BYTES, _strided._by_indices, _strided._pool, os.environ.get(switch))
     _strided._BLOCK_BYTES = block_bytes
     _strided._by_indices = lambda t: by_index
     if not workers:
         _strided._pool = lambda: None
+    if not compiled:
+        os.environ[switch] = "0"
     return old
 
 
 def _restore(old: tuple) -> None:
-    _strided._BLOCK_BYTES, _strided._by_indices, _strided._pool = old
+    _strided._BLOCK_BYTES, _strided._by_indices, _strided._pool, switch = old
+    if switch is None:
+        os.environ.pop(cpu_kernels.ENV_SWITCH, None)
+    else:
+        os.environ[cpu_kernels.ENV_SWITCH] = switch
 
 
 @pytest.fixture(params=list(VARIANTS))
@@ -495,7 +505,8 @@ def test_low_precision_dtypes(dtype, variant):
 # ----------------------------------------------------------------------------- prefers
 
 
-def test_prefers_nchw_cpu_and_leaves_the_rest_to_pytorch():
+def test_prefers_nchw_cpu_and_leaves_the_rest_to_pytorch(monkeypatch):
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")  # the strided views' own rules
     win = window2d("max_pool2d", (112, 112), 3, 2, 1)
     x = torch.empty(8, 64, 112, 112)
     assert _strided.prefers(x, "max_pool2d", win)
@@ -522,6 +533,22 @@ def test_prefers_nchw_cpu_and_leaves_the_rest_to_pytorch():
     x = torch.empty(64, 256, 24, 24)
     assert not _strided.prefers(x, "avg_pool2d", window2d("avg_pool2d", (24, 24), 3, 3))
     assert _strided.prefers(x, "avg_pool2d", window2d("avg_pool2d", (24, 24), 2, 2))
+
+
+def test_prefers_the_compiled_max_pool_on_all_but_small_inputs():
+    if not cpu_kernels.available():
+        pytest.skip(f"no compiled CPU kernels: {cpu_kernels.why_unavailable()}")
+    win = window2d("max_pool2d", (8, 8), 3, 2, 1)
+    for dtype in (torch.float32, torch.float64):  # both dtypes, with and without backward
+        x = torch.empty(64, 256, 8, 8, dtype=dtype)  # small planes: the views lost here
+        assert _strided.prefers(x, "max_pool2d", win)
+        assert _strided.prefers(x.requires_grad_(), "max_pool2d", win)
+    tiny = torch.empty(1, 8, 8, 8)  # the call's fixed cost is PyTorch's whole time
+    assert not _strided.prefers(tiny, "max_pool2d", win)
+    half = torch.empty(64, 256, 8, 8, dtype=torch.float16, requires_grad=True)
+    assert not _strided.prefers(half, "max_pool2d", win)  # float16 stays on the views' rules
+    cl = torch.empty(64, 256, 8, 8).contiguous(memory_format=torch.channels_last)
+    assert not _strided.prefers(cl, "max_pool2d", win)  # PyTorch vectorises over C
 
 
 def test_plane_means_are_the_mean_and_chosen_for_large_channels_last_float32() -> None:
