@@ -71,8 +71,19 @@ VARIANTS: dict[str, dict] = {
     ),
     "ss4-gem": dict(head="gem", model_overrides=SS4, **SCALE_SS),
     "ss4-gem-112": dict(head="gem", model_overrides=SS4, **{**SCALE_SS, "scale_size": [20, 112]}),
+    # ... halved 4 times, without normalization (nothing differs between training and eval)
+    "ss-gem-none": dict(
+        head="gem",
+        model_overrides={**SS5, "norm": "none"},
+        lr=2e-3,
+        weight_decay=0.01,
+        **SCALE_SS,
+    ),
     # ... and halved 4 times: the demo's robust model
     "ss-gem": dict(head="gem", model_overrides=SS5, **SCALE_SS),
+    # ... trained on digits up to 80 or 112 px, so level 0 sees the thick strokes it meets there
+    "ss-gem-80": dict(head="gem", model_overrides=SS5, **{**SCALE_SS, "scale_size": [20, 80]}),
+    "ss-gem-112": dict(head="gem", model_overrides=SS5, **{**SCALE_SS, "scale_size": [20, 112]}),
     # depth without the scale augmentation
     "gem-canvas-4": dict(head="gem", model_overrides=DEEP, **CANVAS),
 }

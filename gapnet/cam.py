@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from scipy import ndimage
 from torch import Tensor
 
 from gapnet import data as _data
@@ -189,15 +190,13 @@ def _as_tensor(a: Any, what: str) -> Tensor:
 def label_components(mask: Tensor) -> Tensor:
     """Label the 4-connected regions of each mask: every pixel gets its region's first index.
 
-    Vectorised over the batch, in torch (any device). Each round gives every horizontal run of
-    pixels the smallest label in it, then every vertical run, then jumps each label to its
-    label's label (pointer jumping), until nothing changes. A label is always a pixel of the
-    same region and only decreases, so the fixed point is each region's smallest flat index
-    ``y * W + x``; the rounds grow with the turns a region's paths take, not its length (a few
-    for blob-like CAM regions). Background pixels get ``H * W``.
+    scipy.ndimage.label does the labelling (in C, one mask at a time, on the CPU); its labels
+    count regions in raster order of their first pixel, and each is replaced here by that
+    pixel's flat index ``y * W + x``, so a label names the same region whatever else the mask
+    holds. Background pixels get ``H * W``.
 
     Args:
-        mask: boolean masks.
+        mask: boolean masks (any device; the result is on the same one).
 
     Shape:
         (N, H, W) -> (N, H, W) int64.
@@ -210,34 +209,17 @@ def label_components(mask: Tensor) -> Tensor:
     if mask.ndim != 3:
         raise ValueError(f"label_components: mask must be (N, H, W), got shape {tuple(mask.shape)}")
     n, h, w = mask.shape
-    hw = h * w  # the background's label, one past the last pixel
-    mask = mask.bool()
-    dev = mask.device
-    ys = torch.arange(h, device=dev).view(1, h, 1)
-    xs = torch.arange(w, device=dev).view(1, 1, w)
-    left = F.pad(mask[:, :, :-1], (1, 0), value=False)  # (N, H, W): the pixel to the left is set
-    up = F.pad(mask[:, :-1, :], (0, 0, 1, 0), value=False)
-    # the column (row) where each pixel's horizontal (vertical) run starts: a running max of starts
-    row_start = torch.where(mask & ~left, xs, -1).cummax(dim=2).values  # (N, H, W)
-    col_start = torch.where(mask & ~up, ys, -1).cummax(dim=1).values  # (N, H, W)
-    runs = (
-        torch.where(mask, ys * w + row_start, hw).view(n, hw),  # flat index of the run's start
-        torch.where(mask, col_start * w + xs, hw).view(n, hw),
-    )
-    labels = torch.where(mask, ys * w + xs, hw).view(n, hw)  # (N, HW)
-    buf = torch.empty(n, hw + 1, dtype=torch.int64, device=dev)  # per run start, then per pixel
-    while True:
-        new = labels
-        for run in runs:
-            buf.fill_(hw)
-            buf.scatter_reduce_(1, run, new, "amin")  # the smallest label of each run
-            new = buf.gather(1, run)
-        buf[:, :hw] = new
-        buf[:, hw] = hw
-        new = buf.gather(1, new)  # labels[labels]
-        if torch.equal(new, labels):
-            return labels.view(n, h, w)
-        labels = new
+    masks = mask.detach().bool().cpu().numpy()
+    out = np.full((n, h * w), h * w, dtype=np.int64)
+    for i in range(n):
+        regions, count = ndimage.label(masks[i])  # 0: background; 1..count in raster order
+        flat = regions.ravel()
+        values, first = np.unique(flat, return_index=True)  # each label's first pixel
+        first_of = np.full(count + 1, h * w, dtype=np.int64)
+        first_of[values] = first
+        first_of[0] = h * w
+        out[i] = first_of[flat]
+    return torch.from_numpy(out).view(n, h, w).to(mask.device)
 
 
 def _check_rule(threshold: float, region: str) -> None:

@@ -221,9 +221,31 @@ def _mlpconv(in_chs: int, width: int, kernel_size: int, *cccp: int) -> nn.Sequen
     return nn.Sequential(layers)
 
 
-class ScaleSpace(Backbone):
-    net: Backbone
+def stroke_width(x: Tensor) -> Tensor:
+    """Each image's mean stroke width in pixels: twice its ink over the length of its edges.
 
+    A stroke of width w and length L holds w * L of ink and has two edges of length L; the
+    edge length is the summed gradient magnitude, which counts an antialiased edge (a ramp
+    from 0 to 1 over a few pixels) as one. Meant for strokes brighter than a background of 0
+    (digits, drawings); a blank image gives 0.
+
+    Shape:
+        (N, C, H, W) -> (N,).
+
+    Example:
+        >>> x = torch.zeros(1, 1, 80, 80)
+        >>> x[..., 10:70, 30:34] = 1.0  # a bar 4 px wide (its two ends count as edges too)
+        >>> round(stroke_width(x).item(), 1)
+        3.8
+    """
+    x = x.float().sum(1, keepdim=True)  # (N, 1, H, W): the channels' ink together
+    dx = x[..., :-1, 1:] - x[..., :-1, :-1]  # (N, 1, H-1, W-1)
+    dy = x[..., 1:, :-1] - x[..., :-1, :-1]
+    edges = (dx.square() + dy.square()).sqrt().sum((1, 2, 3))  # (N,)
+    return 2 * x.sum((1, 2, 3)) / edges.clamp_min(1e-6)
+
+
+class ScaleSpace(Backbone):
     """One backbone run on the input and on `levels` - 1 halvings of it, max over the levels.
 
     A locally scale-invariant network (Kanazawa et al. 2014, "SI-ConvNet"): level k sees the
@@ -231,8 +253,17 @@ class ScaleSpace(Backbone):
     make its feature map, that map is brought back to level 0's grid (nearest), and the output
     at each location is the largest response over the levels. A digit drawn 4x larger than the
     training digits reaches level 2 at the training scale, so the features that recognise it
-    are the ones training made, in one forward pass; the max lets the level at which a feature
-    fires best win, whatever the input's scale. The cost is 1 + 1/4 + 1/16 + ... of level 0.
+    are the ones training made, in one forward pass. The cost is 1 + 1/4 + 1/16 + ... of
+    level 0.
+
+    The max needs every level it takes to be one training has shown: a level at which the
+    input is *larger* than any training image (strokes 10 px wide where training had at most
+    5) makes features no training image made, and they win the max as readily as true ones
+    (a thick 1 seen as the outline of a 0). So training records the widest strokes level 0
+    has seen (`stroke_width`, the median of each batch, the largest over batches: the buffer
+    `widest_stroke`), and at eval each image leaves out the levels at which its strokes are
+    still wider than that: level k is kept when width / 2^k <= widest_stroke, and the coarsest
+    level always is. Before any training (widest_stroke 0) every level is kept.
 
     Args:
         backbone: the shared feature extractor (ceil-mode pools, so any level size works).
@@ -247,6 +278,9 @@ class ScaleSpace(Backbone):
         torch.Size([2, 16, 14, 10])
     """
 
+    net: Backbone
+    widest_stroke: Tensor
+
     def __init__(self, backbone: Backbone, levels: int) -> None:
         super().__init__(OrderedDict(net=backbone))
         self.levels = levels
@@ -254,17 +288,34 @@ class ScaleSpace(Backbone):
         # the coarsest level, ceil(H / 2^(levels-1)), must reach the backbone's minimum
         self.min_input_size = (backbone.min_input_size - 1) * 2 ** (levels - 1) + 1
         self.halve = AvgPool2d(2, ceil_mode=True)  # H -> ceil(H / 2)
+        self.register_buffer("widest_stroke", torch.zeros(()))  # px; 0: not trained yet
 
     def feature_size(self, size: int) -> int:
         return self.net.feature_size(size)  # level 0's grid is the output's
 
+    def first_level(self, x: Tensor) -> Tensor:
+        """(N,) the finest level each image keeps: the first at which its strokes are no wider
+        than `widest_stroke` (0 for every image before training)."""
+        limit = torch.where(self.widest_stroke > 0, self.widest_stroke, float("inf"))
+        return torch.log2(stroke_width(x) / limit).ceil().clamp(0, self.levels - 1)  # -inf: 0
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            with torch.no_grad():
+                widest = torch.maximum(self.widest_stroke, stroke_width(x).median())
+                self.widest_stroke.copy_(widest)
+            first = torch.zeros(len(x), device=x.device)  # training takes every level
+        else:
+            first = self.first_level(x)
+        first = first[:, None, None, None]  # (N, 1, 1, 1)
         net = self.net
         features = net(x)  # (N, C, h, w): level 0, the grid every level is brought back to
-        for _ in range(1, self.levels):
-            x = self.halve(x)  # (N, C_in, ceil(H / 2), ceil(W / 2))
-            coarse = F.interpolate(net(x), size=features.shape[-2:], mode="nearest")
-            features = torch.maximum(features, coarse)
+        grid, skipped = features.shape[-2:], features.new_tensor(float("-inf"))
+        features = torch.where(first <= 0, features, skipped)
+        for k in range(1, self.levels):
+            x = self.halve(x)  # (N, C_in, ceil(H / 2^k), ceil(W / 2^k))
+            coarse = F.interpolate(net(x), size=grid, mode="nearest")
+            features = torch.maximum(features, torch.where(first <= k, coarse, skipped))
         return features
 
 

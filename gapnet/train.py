@@ -114,9 +114,7 @@ class TrainConfig(Config):
     train_size: int | None = option(None, low=1)  # stratified subset of the training split
     split_seed: int = option(0, low=0)  # train/test split where the data has none fixed
     # model
-    model: str = option(
-        "convnet", nonempty=True
-    )  # backbone: convnet, convnet-tiny, nin, convnet-scale
+    model: str = option("convnet", nonempty=True)  # backbone: convnet, nin, convnet-scale, ..
     head: str = option("gap", choices=HEADS)  # classifier head: gap, fc, gap-fc, gmp, gem, ...
     model_overrides: dict[str, Any] = option(default_factory=dict)  # ModelConfig fields: widths..
     # optimisation

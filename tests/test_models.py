@@ -553,6 +553,86 @@ def test_scale_space_is_the_max_over_halvings():
     assert net.backbone.feature_size(29) == grid[0]
 
 
+def bar(size: int, width: int, length: int) -> torch.Tensor:
+    """A vertical bar of ink `width` px wide, `length` px long, centred on a blank image."""
+    x = torch.zeros(1, 1, size, size)
+    top, left = (size - length) // 2, (size - width) // 2
+    x[..., top : top + length, left : left + width] = 1.0
+    return x
+
+
+# (image, its stroke width within 10 %): twice the ink over the edge length
+STROKE_CASES = [
+    (bar(80, 4, 60), 4 * 60 / (60 + 4)),  # ink 240, edges 2 * (60 + 4): the ends count
+    (bar(160, 12, 120), 12 * 120 / (120 + 12)),  # a thick stroke
+    (bar(40, 2, 30), 2 * 30 / (30 + 2)),  # a thin one
+    (torch.nn.functional.interpolate(bar(40, 2, 30), scale_factor=4.0), 8 * 120 / (120 + 8)),
+    (torch.nn.functional.pad(bar(40, 2, 30), (50, 50, 50, 50)), 2 * 30 / (30 + 2)),  # canvas
+]
+
+
+@pytest.mark.parametrize("image, width", STROKE_CASES)
+def test_stroke_width(image, width):
+    assert M.stroke_width(image).item() == pytest.approx(width, rel=0.1)
+
+
+def test_stroke_width_of_blank_and_batches():
+    x = torch.cat([torch.zeros(1, 1, 30, 30), bar(30, 3, 20), 0.5 * bar(30, 3, 20)])
+    w = M.stroke_width(x)
+    assert w.shape == (3,) and w[0] == 0  # blank: no ink
+    assert w[1] == pytest.approx(w[2])  # fainter ink, the same strokes
+
+
+def test_scale_space_learns_the_widest_stroke():
+    # training records the largest batch-median stroke width; eval leaves it alone
+    net = tiny(ceil_mode=True, levels=3)
+    assert net.backbone.widest_stroke.item() == 0  # untrained: every level is kept
+    thin, thick = bar(40, 2, 30).repeat(3, 1, 1, 1), bar(80, 6, 60).repeat(3, 1, 1, 1)
+    net.train()(thick)
+    net(thin)
+    widest = net.backbone.widest_stroke.item()
+    assert widest == pytest.approx(M.stroke_width(thick)[0].item())
+    net.eval()(bar(160, 20, 120))
+    assert net.backbone.widest_stroke.item() == widest
+    assert "backbone.widest_stroke" in net.state_dict()  # saved with the checkpoint
+
+
+# (stroke width as a multiple of the widest seen in training, the first level kept of 4)
+FIRST_LEVEL_CASES = [
+    (0.5, 0),  # thinner than training: every level
+    (1.0, 0),  # as wide as the widest: level 0 still fits
+    (1.5, 1),  # level 1 halves it to 0.75
+    (4.0, 2),  # exactly 1 at level 2
+    (100.0, 3),  # far too wide: the coarsest level is always kept
+]
+
+
+@pytest.mark.parametrize("ratio, first", FIRST_LEVEL_CASES)
+def test_scale_space_first_level(ratio, first):
+    net = tiny(ceil_mode=True, levels=4).eval()
+    x = bar(80, 4, 60)
+    net.backbone.widest_stroke.fill_(M.stroke_width(x).item() / ratio)
+    assert net.backbone.first_level(x).tolist() == [first]
+
+
+def test_scale_space_leaves_out_levels_too_fine_for_the_strokes():
+    # eval: an image whose strokes are 3x the widest seen in training takes levels 2 and up
+    torch.manual_seed(0)
+    net = tiny(ceil_mode=True, levels=4, norm="none").eval()
+    inner = net.backbone.net
+    x = torch.cat([bar(48, 12, 40), bar(48, 2, 40)])  # (2, 1, 48, 48): thick and thin
+    net.backbone.widest_stroke.fill_(M.stroke_width(x[:1]).item() / 3)
+    assert net.backbone.first_level(x).tolist() == [2, 0]
+    halvings = [x]
+    for _ in range(3):
+        halvings.append(torch.nn.functional.avg_pool2d(halvings[-1], 2, ceil_mode=True))
+    grid = inner(x).shape[-2:]
+    levels = torch.stack([torch.nn.functional.interpolate(inner(t), size=grid) for t in halvings])
+    got = net.backbone(x)
+    assert torch.allclose(got[0], levels[2:, 0].amax(0), atol=1e-6)  # levels 2, 3
+    assert torch.allclose(got[1], levels[:, 1].amax(0), atol=1e-6)  # every level
+
+
 def test_scale_space_sees_a_doubled_image_at_its_own_scale():
     # Doubling an image (each pixel 2x2) and halving it back is exact, so level 1 of the doubled
     # image is level 0 of the image: every feature the image makes anywhere still reaches the
