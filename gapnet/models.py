@@ -263,7 +263,9 @@ class ScaleSpace(Backbone):
     has seen (`stroke_width`, the median of each batch, the largest over batches: the buffer
     `widest_stroke`), and at eval each image leaves out the levels at which its strokes are
     still wider than that: level k is kept when width / 2^k <= widest_stroke, and the coarsest
-    level always is. Before any training (widest_stroke 0) every level is kept.
+    level always is. Before any training (widest_stroke 0) every level is kept. In training
+    every level is kept and each BatchNorm normalizes all levels with their pooled statistics
+    (`joint_levels`), the one normalization eval's running statistics can reproduce.
 
     Args:
         backbone: the shared feature extractor (ceil-mode pools, so any level size works).
@@ -300,23 +302,53 @@ class ScaleSpace(Backbone):
         return torch.log2(stroke_width(x) / limit).ceil().clamp(0, self.levels - 1)  # -inf: 0
 
     def forward(self, x: Tensor) -> Tensor:
+        levels = [x]  # (N, C_in, ceil(H / 2^k), ceil(W / 2^k)) for k = 0, 1, ..
+        for _ in range(1, self.levels):
+            levels.append(self.halve(levels[-1]))
         if self.training:
             with torch.no_grad():
                 widest = torch.maximum(self.widest_stroke, stroke_width(x).median())
                 self.widest_stroke.copy_(widest)
             first = torch.zeros(len(x), device=x.device)  # training takes every level
+            maps = self.joint_levels(levels)
         else:
             first = self.first_level(x)
+            maps = [self.net(level) for level in levels]
         first = first[:, None, None, None]  # (N, 1, 1, 1)
-        net = self.net
-        features = net(x)  # (N, C, h, w): level 0, the grid every level is brought back to
-        grid, skipped = features.shape[-2:], features.new_tensor(float("-inf"))
-        features = torch.where(first <= 0, features, skipped)
+        grid, skipped = maps[0].shape[-2:], maps[0].new_tensor(float("-inf"))
+        features = torch.where(first <= 0, maps[0], skipped)  # (N, C, h, w): level 0's grid
         for k in range(1, self.levels):
-            x = self.halve(x)  # (N, C_in, ceil(H / 2^k), ceil(W / 2^k))
-            coarse = F.interpolate(net(x), size=grid, mode="nearest")
+            coarse = F.interpolate(maps[k], size=grid, mode="nearest")
             features = torch.maximum(features, torch.where(first <= k, coarse, skipped))
         return features
+
+    def joint_levels(self, levels: list[Tensor]) -> list[Tensor]:
+        """The backbone on every level, layer by layer, each BatchNorm normalizing with the
+        statistics of all levels together (and updating its running statistics once).
+
+        Per-level batch statistics would differ from level to level (a 3-px blob at level 4, a
+        28-px digit at level 0) while eval has one running average for all of them; pooled
+        over the levels, training normalizes as eval does.
+        """
+        for layer in _layers(self.net):
+            if isinstance(layer, nn.BatchNorm2d) and layer.training:
+                flat = torch.cat([t.flatten(2) for t in levels], dim=2)  # (N, C, sum h*w)
+                joint = layer(flat[..., None])[..., 0]  # BatchNorm2d takes (N, C, L, 1)
+                parts = joint.split([t.shape[2] * t.shape[3] for t in levels], dim=2)
+                # copies, not views: the ReLU after a BatchNorm works in place
+                levels = [p.reshape(t.shape).clone() for p, t in zip(parts, levels, strict=True)]
+            else:
+                levels = [layer(t) for t in levels]
+        return levels
+
+
+def _layers(module: nn.Module) -> Iterator[nn.Module]:
+    """The layers of nested nn.Sequential containers, in the order they run."""
+    if isinstance(module, nn.Sequential):
+        for child in module:
+            yield from _layers(child)
+    else:
+        yield module
 
 
 def create_backbone(config: ModelConfig) -> Backbone:

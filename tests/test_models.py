@@ -553,6 +553,25 @@ def test_scale_space_is_the_max_over_halvings():
     assert net.backbone.feature_size(29) == grid[0]
 
 
+def test_scale_space_trains_batchnorm_on_all_levels_together():
+    # one BatchNorm step over the levels pooled: the running mean moves toward the mean of the
+    # conv outputs of every level (weighted by their pixels), once per forward
+    torch.manual_seed(0)
+    net = M.ScaleSpace(M.ConvNet(1, (4,), depth=1, ceil_mode=True), levels=3).train()
+    conv, bn = net.net.stage0.block0.conv, net.net.stage0.block0.bn
+    x = randn(5, 1, 12, 9)
+    half = torch.nn.functional.avg_pool2d(x, 2, ceil_mode=True)
+    quarter = torch.nn.functional.avg_pool2d(half, 2, ceil_mode=True)
+    with torch.no_grad():
+        outs = [conv(t).flatten(2) for t in (x, half, quarter)]  # (5, 4, h*w) each
+    joint_mean = torch.cat(outs, dim=2).mean((0, 2))  # (4,)
+    net(x)
+    assert int(bn.num_batches_tracked) == 1
+    assert torch.allclose(bn.running_mean, bn.momentum * joint_mean, atol=1e-6)
+    # one level alone is the backbone itself, in training as at eval
+    assert torch.allclose(net.joint_levels([x])[0], net.net(x), atol=1e-6)
+
+
 def bar(size: int, width: int, length: int) -> torch.Tensor:
     """A vertical bar of ink `width` px wide, `length` px long, centred on a blank image."""
     x = torch.zeros(1, 1, size, size)
