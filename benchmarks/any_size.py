@@ -81,6 +81,12 @@ VARIANTS: dict[str, dict] = {
     ),
     # ... and halved 4 times: the demo's robust model
     "ss-gem": dict(head="gem", model_overrides=SS5, **SCALE_SS),
+    # ... trained on one octave of digit sizes (the levels cover the others), or among clutter
+    "ss-gem-40": dict(head="gem", model_overrides=SS5, **{**SCALE_SS, "scale_size": [20, 40]}),
+    "ss-gem-d2": dict(head="gem", model_overrides=SS5, distractors=2, **SCALE_SS),
+    "ss-gem-40-d2": dict(
+        head="gem", model_overrides=SS5, distractors=2, **{**SCALE_SS, "scale_size": [20, 40]}
+    ),
     # ... trained on digits up to 80 or 112 px, so level 0 sees the thick strokes it meets there
     "ss-gem-80": dict(head="gem", model_overrides=SS5, **{**SCALE_SS, "scale_size": [20, 80]}),
     "ss-gem-112": dict(head="gem", model_overrides=SS5, **{**SCALE_SS, "scale_size": [20, 112]}),

@@ -558,7 +558,8 @@ def _spec_changes(a: argparse.Namespace) -> dict[str, Any]:
     """CompareSpec fields from the compare flags (flags left out keep the spec's values).
 
     ``--robust`` is the one flag that is not a field's value: it switches on the demo's robust
-    variant (DEMO.spec.robust, trained with DEMO.spec.robust_head unless --robust-head says).
+    variant (DEMO.spec.robust, trained with DEMO.spec.robust_head unless --robust-head says)
+    and its CAM variant (DEMO.spec.cam_variant, unless --cam-variant says).
     """
     given = vars(a)
     changes = {
@@ -568,6 +569,7 @@ def _spec_changes(a: argparse.Namespace) -> dict[str, Any]:
     }
     if a.robust is not None:
         changes["robust"] = compare.DEMO.spec.robust if a.robust else None
+        changes.setdefault("cam_variant", compare.DEMO.spec.cam_variant if a.robust else None)
         if a.robust:
             changes.setdefault("robust_head", compare.DEMO.spec.robust_head)
     return changes
@@ -767,7 +769,8 @@ def _add_compare_args(p: argparse.ArgumentParser) -> None:
         "--robust",
         action=argparse.BooleanOptionalAction,
         help=f"also train the demo's size-robust variant ({compare.DEMO.spec.robust_head} head, "
-        f"{compare.DEMO.spec.robust}) (default: no)",
+        f"{compare.DEMO.spec.robust}) and its CAM variant ({compare.DEMO.spec.cam_variant}) "
+        "(default: no)",
     )
     g = p.add_argument_group("run")
     g.add_argument(

@@ -1,10 +1,10 @@
 """Head comparisons, measured: what global average pooling buys against fully connected heads.
 
 `run_compare(spec, out_dir)` trains one backbone with several heads on one data set (plus,
-optionally, a "robust" GAP variant trained on random canvases and a sweep over small training
-sets), then measures each model: parameters, train/test accuracy, accuracy at other input sizes
-and on larger canvases, and CAM localization. It returns the ``results`` dict (the shape of
-``results.json``) that `gapnet.report.write_report` renders.
+optionally, a size-robust GAP variant, a variant for the CAM section and a sweep over small
+training sets), then measures each model: parameters, train/test accuracy, accuracy at other
+input sizes and on larger canvases, and CAM localization. It returns the ``results`` dict (the
+shape of ``results.json``) that `gapnet.report.write_report` renders.
 
 `DEMO` holds every default of ``gapnet demo`` (full and ``--quick``) in one place.
 
@@ -80,6 +80,9 @@ class CompareSpec(Config):
     # the robust variant
     robust: dict[str, Any] | None = None  # TrainConfig overrides on top of its head's run
     robust_head: str = option("gap", choices=HEADS)  # the head the robust variant trains with
+    # the CAM section's own variant (run "<head>-cam"): TrainConfig overrides with its "head";
+    # None: the CAM section shows the robust variant
+    cam_variant: dict[str, Any] | None = None
     # the overfitting sweep: the same heads on smaller training sets
     train_sizes: tuple[int, ...] = option((250, 1000), low=1)  # sweep sizes; none: no sweep
     sweep_heads: tuple[str, ...] | None = option(
@@ -96,7 +99,7 @@ class CompareSpec(Config):
     scales: tuple[float, ...] = option((), above=0)  # robust run: also multi-scale at these
     # localization for free
     cam: bool = True  # the CAM section: overlay grid, localization table on the canvases
-    cam_sizes: tuple[int, ...] = option((56, 84, 112), low=1)  # canvas sizes of the overlay grid
+    cam_sizes: tuple[int, ...] = option((56, 84, 112), low=1)  # overlay grid and box rule sizes
     cam_examples: int = option(3, low=1)  # overlays per grid size
     loc_n: int | None = option(300, low=1)  # canvases per localization size; None: all
     distractors: int = option(0, low=0)  # stroke-like clutter per localization canvas
@@ -106,6 +109,8 @@ class CompareSpec(Config):
     def validate(self) -> None:
         if len(set(self.heads)) != len(self.heads):
             self.fail("heads", "names a head twice")
+        if self.cam_variant is not None and self.cam_variant.get("head") not in HEADS:
+            self.fail("cam_variant", f"must name its head, one of {', '.join(HEADS)}")
         owned = sorted(set(self.sweep_train) & set(_SWEEP_OWNS))
         if owned:
             raise ValueError(
@@ -137,15 +142,19 @@ class Demo:
 
 # Every default of `gapnet demo` (and of `--quick`), in one place; docs/research_any_size.md
 # measured each choice. The backbone is convnet narrowed to widths 16-32-64. The demo trains the
-# three heads that carry the claims (fc, the NiN gap head, GeM), the robust variant, the sweep
+# two heads that carry the claims (fc and the NiN gap head), the two robust variants, the sweep
 # and the CAM section within 6 minutes on 2 CPU cores. The heads train 12 epochs at lr 5e-3
 # with 1-px shifts and label smoothing 0.1: the gap head then reached 98.7-98.8 % on 5 of 5
-# seeds (without them, 98.0-98.6). The robust variant is GeM trained on digits placed at random
-# on blank 28-40 px canvases, without label smoothing: 98-99 % on every canvas from 28 to 224 px
-# in one pass, and, with the pyramid `scales` (each image answered by its most confident
-# level), 97-99 % on digits rescaled from 20 to 280 px, which one pass does not reach (the
-# study's object-scale recipes lose to BatchNorm's statistics; see the note). The sweep trains
-# without augmentation or smoothing, so it shows what the head alone does against overfitting.
+# seeds (without them, 98.0-98.6). The size-robust variant is GeM on the scale-space convnet
+# ("convnet-scale": the same weights see the input at 1, 1/2, .., 1/16, max over the levels
+# its strokes allow), trained on digits rescaled to 20-40 px (one octave: the levels cover the
+# others) on canvases up to 1.5x that, without label smoothing: 97-99 % in one pass at the
+# input's own size on digits rescaled from 20 to 280 px and on canvases from 28 to 224 px.
+# Its class maps are coarse (the max over levels), so the
+# CAM section shows its own variant: GeM on the plain convnet, trained on 28-40 px canvases
+# with two distractors each (boxes at IoU >= 0.5 on about 90 % of canvases, in clutter too).
+# The sweep trains without augmentation or smoothing, so it shows what the head alone does
+# against overfitting.
 DEMO = Demo(
     spec=CompareSpec(
         data="mnist-5k",
@@ -155,25 +164,36 @@ DEMO = Demo(
             "augmentation": "shift",
             "shift": 1,
             "label_smoothing": 0.1,
+            "eval_every": 2,  # the test set every other epoch (and the last)
         },
-        heads=("fc", "gap", "gem"),
+        heads=("fc", "gap"),
         epochs=12,
         batch_size=128,
         lr=5e-3,
         threads=2,
         robust={
-            "augmentation": "canvas",
-            "canvas_size": (28, 40),
+            "model": "convnet-scale",
+            "model_overrides": {},
+            "augmentation": "scale",
+            "scale_size": (20, 40),
+            "canvas_ratio": 1.5,
             "label_smoothing": 0.0,
         },
         robust_head="gem",
+        cam_variant={
+            "head": "gem",
+            "augmentation": "canvas",
+            "canvas_size": (28, 40),
+            "distractors": 2,
+            "label_smoothing": 0.0,
+        },
         train_sizes=(250, 1000),
         sweep_heads=("fc", "gap"),
         sweep_steps=120,
-        sweep_train={"augmentation": "none", "label_smoothing": 0.0},
+        sweep_train={"augmentation": "none", "label_smoothing": 0.0, "eval_every": 5},
         sizes=(20, 28, 40, 56, 84, 112),
         canvases=(28, 56, 112, 224),
-        scales=(2, 1, 0.5, 0.25, 0.125),
+        scales=(1, 0.5),
         eval_n=300,
         cam=True,
         cam_sizes=(56, 84, 112),
@@ -242,32 +262,41 @@ def accuracy_table(
     *,
     batch_size: int = 256,
     scales: Sequence[float] = (),
-) -> list[dict[str, Any]]:
-    """Test accuracy of `model` on (size, ImageSet) pairs; n/a where the model cannot run.
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """Test accuracy of `model` on (size, ImageSet) pairs, in one pass at each image's size and,
+    with `scales`, with test-time multi-scale inference; n/a where the model cannot run.
+
+    Both come from the same forward passes: the pyramid's first level is the image itself.
 
     Args:
         model: a classifier that answers ``size_problem(h, w)`` (GapNet, export.OnnxModel).
         sets: (size, ImageSet) pairs, the images at that size.
         batch_size: images per forward pass.
-        scales: test-time multi-scale inference over these scales
-            (`gapnet.inference.evaluate`'s ``scales``); (): each image once, at its size.
+        scales: the pyramid of `gapnet.inference.evaluate`'s ``scales``; (): one pass only.
 
     Returns:
-        one ``{"size": S, "acc": float or None, "acc_ci": interval or None, "na": reason or
-        None}`` per pair (`gapnet.report.interval`: correct, n and the Wilson bounds).
+        the one-pass rows and the multi-scale rows (None without `scales`): one
+        ``{"size": S, "acc": float or None, "acc_ci": interval or None, "na": reason or None}``
+        per pair (`gapnet.report.interval`: correct, n and the Wilson bounds).
     """
-    rows = []
+    one: list[dict[str, Any]] = []
+    multi: list[dict[str, Any]] = []
     for size, imageset in sets:
         na = model.size_problem(size, size)  # the model's own rule (fc: one size)
-        acc, ci = None, None
+        counts = [0, 0]  # correct in one pass, with the pyramid
         if na is None:
-            acc, _ = inference.evaluate(
-                model, imageset.images, imageset.labels, batch_size=batch_size,
-                scales=tuple(scales) or None,
-            )  # fmt: skip
-            ci = interval(round(acc * len(imageset)), len(imageset))
-        rows.append({"size": size, "acc": acc, "acc_ci": ci, "na": na})
-    return rows
+            labels = imageset.labels
+            for start, probs in inference.level_probs(model, imageset.images, batch_size, scales):
+                y = labels[start : start + probs.shape[1]].to(probs.device)
+                counts[0] += int((probs[0].argmax(1) == y).sum())
+                counts[1] += int((inference.most_confident(probs).argmax(1) == y).sum())
+        for rows, correct in zip((one, multi), counts, strict=True):
+            n = len(imageset)
+            rows.append({
+                "size": size, "na": na, "acc": None if na else correct / n,
+                "acc_ci": None if na else interval(correct, n),
+            })  # fmt: skip
+    return one, multi if scales else None
 
 
 def _eval_sets(spec: CompareSpec, ds: Any) -> tuple[list[tuple[int, Any]], list[tuple[int, Any]]]:
@@ -430,9 +459,13 @@ def run_compare(
         if spec.robust is not None:
             robust_name = f"{spec.robust_head}-robust"
             variants.append((robust_name, {"head": spec.robust_head, **spec.robust}, spec.robust))
+        if spec.cam_variant is not None:
+            cam_name = f"{spec.cam_variant['head']}-cam"
+            variants.append((cam_name, spec.cam_variant, spec.cam_variant))
         sweep_runs = [(n, h) for n in spec.train_sizes for h in spec.sweep]
         seeds = [spec.seed + k for k in range(spec.seeds)]
-        total = (len(spec.heads) + len(sweep_runs)) * len(seeds) + (spec.robust is not None)
+        total = (len(spec.heads) + len(sweep_runs)) * len(seeds)
+        total += (spec.robust is not None) + (spec.cam_variant is not None)
         rescaled, canvases = _eval_sets(spec, ds)
         runs, models, done = [], {}, 0
         for name, changes, robust in variants:
@@ -440,7 +473,7 @@ def run_compare(
             for seed in seeds[:1] if robust else seeds:  # the robust variant: one seed
                 done += 1
                 cfg = _train_config(spec, out, _seed_folder(spec, name, seed), seed=seed, **changes)
-                say(f"[{done}/{total}] {name}: {spec.model} on {n_train} {spec.data} images, "
+                say(f"[{done}/{total}] {name}: {cfg.model} on {n_train} {spec.data} images, "
                     f"{cfg.epochs} epochs, seed {seed}"
                     + (f" ({recipe(robust)})" if robust else ""))  # fmt: skip
                 result = _train(cfg, progress, reuse)
@@ -452,14 +485,14 @@ def run_compare(
             entry["input_size"] = first.model.input_size  # the one size it takes, or None
             entry["has_cam"] = first.model.has_cam
             # measured on the first seed's model: the sizes are about the head, not the seed
-            entry["sizes"] = accuracy_table(first.model, rescaled)
-            entry["canvases"] = accuracy_table(first.model, canvases)
-            if robust and spec.scales:  # test-time multi-scale inference of the robust run
+            # test-time multi-scale inference: the robust run only
+            scales = spec.scales if robust is spec.robust else ()
+            entry["sizes"], multi_sizes = accuracy_table(first.model, rescaled, scales=scales)
+            entry["canvases"], multi_canvases = accuracy_table(first.model, canvases, scales=scales)
+            if scales:
                 entry["multiscale"] = {
-                    "scales": list(spec.scales),
-                    "sizes": accuracy_table(first.model, rescaled, scales=spec.scales),
-                    "canvases": accuracy_table(first.model, canvases, scales=spec.scales),
-                }
+                    "scales": list(scales), "sizes": multi_sizes, "canvases": multi_canvases,
+                }  # fmt: skip
             runs.append(entry)
             models[name] = first.model
         sweep = []
@@ -519,12 +552,13 @@ def _model_label(spec: CompareSpec) -> str:
 
 
 def _cam_model(runs: list[dict[str, Any]]) -> str | None:
-    """The run the CAM section shows: the robust variant, else plain gap, else the first head
-    with class activation maps (None if no head has them)."""
+    """The run the CAM section shows: the CAM variant, else the robust variant, else plain gap,
+    else the first head with class activation maps (None if no head has them)."""
     with_cam = [r for r in runs if r["has_cam"]]
+    own = [r for r in with_cam if r["robust"] and r["name"].endswith("-cam")]
     robust = [r for r in with_cam if r["robust"]]
     plain_gap = [r for r in with_cam if r["name"] == "gap"]
-    chosen = robust or plain_gap or with_cam
+    chosen = own or robust or plain_gap or with_cam
     return str(chosen[0]["name"]) if chosen else None
 
 
@@ -544,7 +578,7 @@ def _cam_section(
     if spec.threshold is None:
         say(f"CAM: choosing the box rule of {name} on the validation split")
         choice = cam.choose_threshold(
-            model, spec.canvases, regions=cam.REGIONS if spec.region is None else (spec.region,),
+            model, spec.cam_sizes, regions=cam.REGIONS if spec.region is None else (spec.region,),
             n=spec.loc_n, distractors=spec.distractors, seed=spec.seed, source=spec.data,
         )  # fmt: skip
         threshold, region = choice.threshold, choice.region

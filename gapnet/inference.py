@@ -60,8 +60,38 @@ def batch_logits(
     levels instead lets the out-of-range levels outvote the one the model knows
     (docs/research_any_size.md).
     """
+    for start, logits in _level_logits(model, images, batch_size, amp, scales or ()):
+        if scales is None:
+            yield start, logits[0]
+        else:
+            yield start, most_confident(logits.softmax(-1)).clamp_min(1e-30).log()
+
+
+def level_probs(
+    model: nn.Module, images: Tensor, batch_size: int, scales: Sequence[float]
+) -> Iterator[tuple[int, Tensor]]:
+    """(start, float32 probabilities (L, B, K)) for each batch at every level of `pyramid`:
+    level 0 is the batch at its own size (what one pass answers), the others follow `scales`
+    (`most_confident` picks the pyramid's answer)."""
+    for start, logits in _level_logits(model, images, batch_size, False, scales):
+        yield start, logits.softmax(-1)
+
+
+def most_confident(probs: Tensor) -> Tensor:
+    """(L, B, K) -> (B, K): each image's probabilities at its most confident level (the one
+    whose top probability is highest)."""
+    best = probs.amax(2).argmax(0)  # (B,)
+    return probs[best, torch.arange(probs.shape[1], device=probs.device)]
+
+
+def _level_logits(
+    model: nn.Module, images: Tensor, batch_size: int, amp: bool, scales: Sequence[float]
+) -> Iterator[tuple[int, Tensor]]:
+    """(start, float32 logits (L, B, K)) of each batch at the levels of `pyramid(scales)`, or
+    at its own size alone (L = 1) when `scales` is empty; eval mode, no grad."""
     device = model_device(model)
     fmt = torch.channels_last if is_channels_last(model) else torch.contiguous_format
+    low = min_side(model) if scales else 0
 
     def forward(x: Tensor) -> Tensor:  # (B, C, h, w) -> float32 logits (B, K)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -70,13 +100,8 @@ def batch_logits(
     with eval_mode(model):
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size].to(device, non_blocking=True)
-            if scales is None:
-                yield start, forward(x)
-                continue
-            levels = pyramid(x, scales, min_side(model))
-            probs = torch.stack([forward(level).softmax(1) for level in levels])  # (L, B, K)
-            best = probs.amax(2).argmax(0)  # (B,): each image's most confident level
-            yield start, probs[best, torch.arange(len(x), device=device)].clamp_min(1e-30).log()
+            levels = pyramid(x, scales, low) if scales else [x]
+            yield start, torch.stack([forward(level) for level in levels])
 
 
 def min_side(model: Any) -> int:

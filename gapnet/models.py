@@ -815,6 +815,9 @@ class LayerRow(NamedTuple):
 def layer_table(model: GapNet, input_size: int | tuple[int, int]) -> list[LayerRow]:
     """Each leaf module's output shape and parameters, from one eval forward on a random input.
 
+    A module that runs more than once (the shared backbone of a `ScaleSpace`, once per level)
+    is listed at its first run: level 0, the input's own size.
+
     Args:
         model: the model; its train/eval mode is restored afterwards.
         input_size: H = W, or (H, W), of the input.
@@ -834,8 +837,10 @@ def layer_table(model: GapNet, input_size: int | tuple[int, int]) -> list[LayerR
 
     def hook(name: str) -> Any:
         def record(module: nn.Module, inputs: Any, output: Any) -> None:
-            params = 0 if name in seen else sum(p.numel() for p in module.parameters(False))
+            if name in seen:
+                return
             seen.add(name)
+            params = sum(p.numel() for p in module.parameters(False))
             shape = tuple(output.shape[1:]) if isinstance(output, Tensor) else ()
             rows.append(LayerRow(name, type(module).__name__, shape, params))
 

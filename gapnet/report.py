@@ -107,10 +107,12 @@ def recipe(overrides: dict[str, Any]) -> str:
         >>> recipe({"augmentation": "canvas", "canvas_size": [28, 40], "label_smoothing": 0.0})
         'random canvases 28-40 px, label smoothing 0'
         >>> recipe({"model": "convnet-scale", "augmentation": "scale", "scale_size": [20, 56],
-        ...         "canvas_ratio": 1.5, "model_overrides": {}})
-        'convnet-scale, digits rescaled to 20-56 px on canvases up to 1.5x'
+        ...         "canvas_ratio": 1.5, "distractors": 2, "model_overrides": {}})
+        'convnet-scale, digits rescaled to 20-56 px on canvases up to 1.5x, 2 distractors each'
     """
     rest = {k: v for k, v in overrides.items() if v != {}}  # an empty model_overrides says nothing
+    for said_elsewhere in ("head", "eval_every"):  # the run's name; how often it was measured
+        rest.pop(said_elsewhere, None)
     parts = [rest.pop("model")] if "model" in rest else []
     augmentation = rest.pop("augmentation", None)
     shift = rest.pop("shift", TrainConfig.shift)
@@ -126,6 +128,9 @@ def recipe(overrides: dict[str, Any]) -> str:
         parts.append(f"random shifts of up to {shift} px")
     elif augmentation == "none":
         parts.append("no augmentation")
+    distractors = rest.pop("distractors", 0)
+    if distractors:
+        parts.append(f"{distractors} distractors each")
     if "label_smoothing" in rest:
         parts.append(f"label smoothing {rest.pop('label_smoothing'):g}")
     parts += [f"{k}={v}" for k, v in rest.items()]
@@ -697,8 +702,8 @@ def _draw_epochs(fig: Any, results: dict[str, Any], out: Path) -> None:
     """Test accuracy per epoch, one line per run (the first seed's history)."""
     ax = fig.subplots()
     for r in results.get("runs", []):
-        points = [(m["epoch"], 100 * m["test_acc"]) for m in r.get("history", [])]
-        points = [(e, a) for e, a in points if a is not None]
+        history = [m for m in r.get("history", []) if m["test_acc"] is not None]  # evaluated
+        points = [(m["epoch"], 100 * m["test_acc"]) for m in history]
         if points:
             ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=r["name"])
     ax.set(xlabel="epoch", ylabel="test accuracy (%)")

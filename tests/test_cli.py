@@ -190,6 +190,43 @@ def test_predict_text_says_what_it_did(runs, digit_png, capsys):
     assert len([line for line in out.splitlines() if line.startswith("  ")]) == 2
 
 
+@pytest.fixture(scope="module")
+def scale_space_run(tmp_path_factory):
+    """The demo's size-robust recipe (compare.DEMO) on 1,500 images for 6 epochs (~30 s)."""
+    from gapnet.train import train
+
+    out = tmp_path_factory.mktemp("robust")
+    cfg = compare.robust_config(compare.DEMO.spec, out).replace(
+        epochs=6, train_size=1500, threads=2
+    )
+    train(cfg, progress=False)
+    return cfg.run_dir
+
+
+def test_predict_a_digit_drawn_ten_times_larger(scale_space_run, tmp_path, capsys):
+    # Test digits drawn dark-on-light at 280x280, strokes and all (as a paint program makes
+    # them): `gapnet predict` at its default options answers as the model does on the same
+    # digits at 28 px (docs/research_any_size.md: a plain GeM model gets about 10 % there).
+    import torch
+
+    test = data.stratified_subset(data.load("mnist-5k").test, 40, seed=1)
+    paths = []
+    for i, x in enumerate(data.rescale(test.images, 280)):  # (1, 280, 280) light on dark
+        paths.append(tmp_path / f"drawn{i}.png")
+        gray = ((1 - x[0]).clamp(0, 1) * 255).round().to(torch.uint8)
+        Image.fromarray(gray.numpy(), "L").save(paths[-1])
+    code, out, _ = run(capsys, "predict", *paths, "-c", scale_space_run, "--json")
+    assert code == 0
+    drawn = torch.tensor([r["top_k"][0]["class"] for r in json.loads(out)])
+    assert all(r["inverted"] and r["input"] == [1, 280, 280] for r in json.loads(out))
+    small = torch.tensor(
+        [json.loads(run(capsys, "predict", p, "-c", scale_space_run, "--json", "--resize", 28)[1])
+         [0]["top_k"][0]["class"] for p in paths]
+    )  # fmt: skip
+    assert (drawn == small).sum() >= 34  # mostly the same answer at 280 px as at 28 px
+    assert (drawn == test.labels).sum() >= 34  # a plain GeM model: about 4
+
+
 def test_predict_missing_or_unreadable_file_exits_2_naming_it(runs, tmp_path, capsys):
     code, out, err = run(capsys, "predict", tmp_path / "nope.png", "-c", runs["gap"])
     assert code == 2 and "nope.png" in err and "not found" in err and out == ""
@@ -283,10 +320,13 @@ def test_compare_writes_the_report_with_every_section(tmp_path, capsys):
     for section in ("## Heads", "## Any input size", "## Overfitting", "## Localization"):
         assert section in md
     robust = f"{compare.DEMO.spec.robust_head}-robust"  # --robust: the demo's robust variant
-    assert "n/a (fixed 28x28 input)" in md and robust in md
+    cam_run = f"{compare.DEMO.spec.cam_variant['head']}-cam"  # ... and its CAM variant
+    assert "n/a (fixed 28x28 input)" in md and robust in md and cam_run in md
     results = json.loads((out_dir / "results.json").read_text())
     assert results["command"].startswith("gapnet compare --model convnet-tiny")
-    assert [r["name"] for r in results["runs"]] == ["fc", "gap", robust]
+    assert [r["name"] for r in results["runs"]] == ["fc", "gap", robust, cam_run]
+    assert results["cam"]["model"] == cam_run  # the CAM section shows its own variant
+    assert "multiscale" not in results["runs"][-1]  # test-time scales: the robust run only
     assert "http" not in (out_dir / "report.html").read_text()
     assert "== Heads: parameters, accuracy, overfitting ==" in out and "report.html" in out
 
@@ -337,9 +377,14 @@ COMPARE_FLAG_CASES = [
      dict(heads=("fc", "gap"), epochs=4, train_sizes=(250, 1000))),
     (["--quick", "--robust", "--out", "runs/quick"],  # the demo's quick settings and robust run
      dict(compare.DEMO.quick, robust=compare.DEMO.spec.robust,
-          robust_head=compare.DEMO.spec.robust_head)),
+          robust_head=compare.DEMO.spec.robust_head, cam_variant=compare.DEMO.spec.cam_variant)),
     (["--robust", "--robust-head", "gap"],  # a head given wins over the demo's
-     dict(robust=compare.DEMO.spec.robust, robust_head="gap")),
+     dict(robust=compare.DEMO.spec.robust, robust_head="gap",
+          cam_variant=compare.DEMO.spec.cam_variant)),
+    (["--robust", "--cam-variant", '{"head": "gmp"}'],  # ... and so does a CAM variant
+     dict(robust=compare.DEMO.spec.robust, robust_head=compare.DEMO.spec.robust_head,
+          cam_variant={"head": "gmp"})),
+    (["--no-robust"], dict(robust=None, cam_variant=None)),
     (["--train-sizes", "none", "--eval-n", "none"], dict(train_sizes=(), eval_n=None)),
     (["--no-cam", "--threshold", "0.3", "--region", "all"],
      dict(cam=False, threshold=0.3, region="all")),

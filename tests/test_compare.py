@@ -25,6 +25,11 @@ SPEC_ERRORS = [
     ("threshold 2", dict(threshold=2.0), r"CompareSpec.threshold must be in \[0, 1\], got 2.0"),
     ("a string for sizes", dict(sizes="28"), "CompareSpec.sizes must be a sequence"),
     ("robust not a dict", dict(robust=3), "CompareSpec.robust must be a dict"),
+    (
+        "a CAM variant with no head",
+        dict(cam_variant={"augmentation": "canvas"}),
+        "CompareSpec.cam_variant must name its head, one of fc, .*got {'augmentation'",
+    ),
 ]
 
 
@@ -160,16 +165,20 @@ def test_run_compare_with_seeds_pools_them_and_keeps_each(tmp_path):
     assert paths["html"].read_text().count('src="data:image/png;base64,') == 4
 
 
-def test_accuracy_table_with_scales_is_inference_evaluate_with_scales():
+def test_accuracy_table_is_inference_evaluate_in_one_pass_and_with_scales():
     torch.manual_seed(0)
     model = models.create("convnet-tiny", head="gap", num_classes=4)
-    x, y = torch.rand(8, 1, 60, 60), torch.arange(8) % 4
+    x, y = torch.rand(40, 1, 60, 60), torch.arange(40) % 4
     sets = [(60, data.ImageSet(x, y))]
-    for scales in ((), (2, 1, 0.5)):  # one pass; the pyramid 120, 60, 30 px
-        (row,) = compare.accuracy_table(model, sets, scales=scales)
-        acc, _ = inference.evaluate(model, x, y, scales=scales or None)
-        assert row["acc"] == acc and row["acc_ci"]["n"] == 8, scales
-        assert row["acc_ci"]["correct"] == round(acc * 8)
+    (one,), (multi,) = compare.accuracy_table(model, sets, scales=(2, 1, 0.5), batch_size=16)
+    for row, scales in ((one, None), (multi, (2, 1, 0.5))):  # the pyramid: 120, 60, 30 px
+        acc, _ = inference.evaluate(model, x, y, scales=scales)
+        assert row["acc"] == acc and row["acc_ci"]["n"] == 40, scales
+        assert row["acc_ci"]["correct"] == round(acc * 40)
+    assert compare.accuracy_table(model, sets) == ([one], None)  # no scales: one pass only
+    fc = models.create("convnet-tiny", head="fc", num_classes=4)
+    (na,), (na_multi,) = compare.accuracy_table(fc, sets, scales=(1, 0.5))
+    assert na["acc"] is None and na_multi["acc"] is None and "28x28" in na["na"]
 
 
 def test_spec_scales_must_be_positive():
