@@ -60,6 +60,8 @@ def batch_logits(
     levels instead lets the out-of-range levels outvote the one the model knows
     (docs/research_any_size.md).
     """
+    if scales is not None:
+        check_scales(scales)  # an empty pyramid is a mistake here, not "one pass"
     for start, logits in _level_logits(model, images, batch_size, amp, scales or ()):
         if scales is None:
             yield start, logits[0]
@@ -130,10 +132,7 @@ def pyramid(images: Tensor, scales: Sequence[float], min_side: int) -> list[Tens
         >>> [tuple(x.shape[-2:]) for x in pyramid(torch.rand(2, 1, 28, 28), (1, 0.5), 20)]
         [(28, 28)]
     """
-    if not scales or any(
-        isinstance(f, bool) or not isinstance(f, (int, float)) or not f > 0 for f in scales
-    ):
-        raise ValueError(f"scales must be positive numbers, e.g. (1, 0.5, 0.25), got {scales!r}")
+    check_scales(scales)
     h, w = images.shape[-2:]
     levels, seen = [images], {(h, w)}
     for f in scales:
@@ -142,6 +141,14 @@ def pyramid(images: Tensor, scales: Sequence[float], min_side: int) -> list[Tens
             seen.add(hw)
             levels.append(data.rescale(images, hw))
     return levels
+
+
+def check_scales(scales: Sequence[float]) -> None:
+    """Raise ValueError unless `scales` is a non-empty sequence of positive numbers."""
+    if not scales or any(
+        isinstance(f, bool) or not isinstance(f, (int, float)) or not f > 0 for f in scales
+    ):
+        raise ValueError(f"scales must be positive numbers, e.g. (1, 0.5, 0.25), got {scales!r}")
 
 
 def evaluate(
