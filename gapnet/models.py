@@ -309,17 +309,20 @@ class ScaleSpace(Backbone):
             with torch.no_grad():
                 widest = torch.maximum(self.widest_stroke, stroke_width(x).median())
                 self.widest_stroke.copy_(widest)
-            first = torch.zeros(len(x), device=x.device)  # training takes every level
-            maps = self.joint_levels(levels)
+            maps = self.joint_levels(levels)  # training takes every level: nothing to mask
+            first = None
         else:
-            first = self.first_level(x)
             maps = [self.net(level) for level in levels]
-        first = first[:, None, None, None]  # (N, 1, 1, 1)
+            first = self.first_level(x)[:, None, None, None]  # (N, 1, 1, 1)
         grid, skipped = maps[0].shape[-2:], maps[0].new_tensor(float("-inf"))
-        features = torch.where(first <= 0, maps[0], skipped)  # (N, C, h, w): level 0's grid
+
+        def kept(k: int, level_map: Tensor) -> Tensor:  # -inf where image n leaves out level k
+            return level_map if first is None else torch.where(first <= k, level_map, skipped)
+
+        features = kept(0, maps[0])  # (N, C, h, w): level 0's grid
         for k in range(1, self.levels):
             coarse = F.interpolate(maps[k], size=grid, mode="nearest")
-            features = torch.maximum(features, torch.where(first <= k, coarse, skipped))
+            features = torch.maximum(features, kept(k, coarse))
         return features
 
     def joint_levels(self, levels: list[Tensor]) -> list[Tensor]:
