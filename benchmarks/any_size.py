@@ -83,6 +83,9 @@ VARIANTS: dict[str, dict] = {
     "ss-gem": dict(head="gem", model_overrides=SS5, **SCALE_SS),
     # ... trained on one octave of digit sizes (the levels cover the others), or among clutter
     "ss-gem-40": dict(head="gem", model_overrides=SS5, **{**SCALE_SS, "scale_size": [20, 40]}),
+    # ... the pool of that recipe: the plain average (NiN's gap head) or the maximum
+    "ss-gap-40": dict(head="gap", model_overrides=SS5, **{**SCALE_SS, "scale_size": [20, 40]}),
+    "ss-gmp-40": dict(head="gmp", model_overrides=SS5, **{**SCALE_SS, "scale_size": [20, 40]}),
     "ss-gem-d2": dict(head="gem", model_overrides=SS5, distractors=2, **SCALE_SS),
     "ss-gem-40-d2": dict(
         head="gem", model_overrides=SS5, distractors=2, **{**SCALE_SS, "scale_size": [20, 40]}

@@ -898,10 +898,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(
         sub, "demo", "the whole GAP-vs-FC comparison on mnist-5k with the demo settings",
-        """Run `gapnet compare` with the demo settings (gapnet.compare.DEMO): several heads on
-        mnist-5k, a size-robust GeM variant trained on random canvases, a sweep over smaller
-        training sets and the CAM section, then write the report to runs/demo. Under five
-        minutes on 2 CPU cores; --quick takes about one.""",
+        """Run `gapnet compare` with the demo settings (gapnet.compare.DEMO): the fc and gap
+        heads on mnist-5k, a size-robust GeM variant (the scale-space convnet, digits of 20-40
+        px) and a CAM variant, a sweep over smaller training sets and the CAM section, then
+        write the report to runs/demo. About six minutes on 2 CPU cores; --quick about one.""",
         ["gapnet demo --quick", "gapnet demo --out runs/demo && open runs/demo/report.html"],
     )  # fmt: skip
     p.add_argument("--quick", action="store_true", help="the quick settings (DEMO.quick)")

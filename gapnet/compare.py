@@ -80,9 +80,7 @@ class CompareSpec(Config):
     # the robust variant
     robust: dict[str, Any] | None = None  # TrainConfig overrides on top of its head's run
     robust_head: str = option("gap", choices=HEADS)  # the head the robust variant trains with
-    # the CAM section's own variant (run "<head>-cam"): TrainConfig overrides with its "head";
-    # None: the CAM section shows the robust variant
-    cam_variant: dict[str, Any] | None = None
+    cam_variant: dict[str, Any] | None = None  # the CAM section's run, "<head>-cam"; None: robust
     # the overfitting sweep: the same heads on smaller training sets
     train_sizes: tuple[int, ...] = option((250, 1000), low=1)  # sweep sizes; none: no sweep
     sweep_heads: tuple[str, ...] | None = option(

@@ -430,7 +430,8 @@ def _heads_finding(results: dict[str, Any]) -> str:
         )
     epochs = {len(r.get("history", [])) for r in runs}
     if epochs:
-        parts.append(f"Runs trained {'/'.join(map(str, sorted(epochs)))} epochs.")
+        counts = "/".join(map(str, sorted(epochs)))
+        parts.append(f"Runs trained {counts} epoch{'' if epochs == {1} else 's'}.")
     return " ".join(parts)
 
 
