@@ -83,6 +83,13 @@ VARIANTS: dict[str, dict] = {
     "ss-gem": dict(head="gem", model_overrides=SS5, **SCALE_SS),
     # ... trained on one octave of digit sizes (the levels cover the others), or among clutter
     "ss-gem-40": dict(head="gem", model_overrides=SS5, **{**SCALE_SS, "scale_size": [20, 40]}),
+    # ... with the plain heads' label smoothing 0.1
+    "ss-gem-40-ls": dict(
+        head="gem",
+        model_overrides=SS5,
+        **{**SCALE_SS, "scale_size": [20, 40]},
+        label_smoothing=0.1,
+    ),
     # ... the pool of that recipe: the plain average (NiN's gap head) or the maximum
     "ss-gap-40": dict(head="gap", model_overrides=SS5, **{**SCALE_SS, "scale_size": [20, 40]}),
     "ss-gmp-40": dict(head="gmp", model_overrides=SS5, **{**SCALE_SS, "scale_size": [20, 40]}),
