@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from gapnet import nn as gnn
 from gapnet.checkpoint import atomic_write, load_model
-from gapnet.models import FC_HEADS, GapNet, ModelConfig, eval_mode, size_problem
+from gapnet.models import FC_HEADS, GapNet, ModelConfig, ScaleSpace, eval_mode, size_problem
 
 FORMAT = "gapnet.onnx/1"  # the value of META_FORMAT that marks a gapnet export
 META_FORMAT = "gapnet.format"
@@ -467,6 +467,10 @@ def export(
     exported at its one size (``config.input_size``), and `ExportResult.fixed_size` says so.
     The file is written atomically, then run in onnxruntime (CPU) against PyTorch at `sizes`.
 
+    A scale space (`models.ScaleSpace`) is exported with its trained levels only: its further
+    eval halvings reach 1 px, where the exporter fixes the dynamic height and width, so the
+    file holds to digits of about 300 px where the PyTorch model holds to about 1,000 px.
+
     Args:
         model: the model (its weights and config are exported; left as it was).
         path: the .onnx file to write.
@@ -489,6 +493,7 @@ def export(
             f"export: cams=True, but a {config.head} head has no class activation maps (a fully "
             "connected layer mixes every location into every logit)"
         )
+    model = trained_levels_only(model)
     low = model.backbone.min_input_size
     checked = _parity_sizes(sizes, low, fixed)
     names = [str(c) for c in classes] if classes is not None else None
@@ -514,6 +519,18 @@ def export(
     atomic_write(path, data)
     parity = check_parity(model, data, checked, config.in_chans, cams=cams)
     return ExportResult(Path(path), config.in_chans, fixed, low, outputs, parity)
+
+
+def trained_levels_only(model: GapNet) -> GapNet:
+    """`model`, or a copy whose scale spaces run at eval only the levels they were trained
+    with (`ScaleSpace.extra_levels` 0): what `export` can give a dynamic height and width."""
+    if not any(isinstance(m, ScaleSpace) and m.extra_levels for m in model.modules()):
+        return model
+    copied = copy.deepcopy(model)
+    for module in copied.modules():
+        if isinstance(module, ScaleSpace):
+            module.extra_levels = 0
+    return copied
 
 
 def export_checkpoint(

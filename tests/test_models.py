@@ -532,6 +532,8 @@ SCALE_SPACE_MIN_CASES = [
 def test_scale_space_smallest_input(widths, ceil_mode, levels, smallest):
     net = tiny(widths=widths, ceil_mode=ceil_mode, levels=levels).eval()
     assert net.backbone.min_input_size == smallest
+    # eval halves further only where every size runs (a floor-mode pool would fail at 1 px)
+    assert net.backbone.extra_levels == (M.EXTRA_LEVELS if smallest == 1 else 0)
     assert net(randn(1, 1, smallest, smallest + 3)).shape == (1, K)
     if smallest > 1:
         with pytest.raises(ValueError, match=f"at least {smallest}x{smallest}"):
@@ -619,13 +621,15 @@ def test_scale_space_learns_the_widest_stroke():
     assert "backbone.widest_stroke" in net.state_dict()  # saved with the checkpoint
 
 
-# (stroke width as a multiple of the widest seen in training, the first level kept of 4)
+# (stroke width as a multiple of the widest seen in training, the first level kept): 4 levels
+# trained, eval runs EXTRA_LEVELS = 5 more
 FIRST_LEVEL_CASES = [
-    (0.5, 0),  # thinner than training: every level
+    (0.5, 0),  # thinner than training: from level 0
     (1.0, 0),  # as wide as the widest: level 0 still fits
     (1.5, 1),  # level 1 halves it to 0.75
     (4.0, 2),  # exactly 1 at level 2
-    (100.0, 3),  # far too wide: the coarsest level is always kept
+    (100.0, 7),  # beyond the trained levels: 100 / 2^7 = 0.78, eval's further halvings
+    (10_000.0, 8),  # beyond every level: the coarsest eval runs
 ]
 
 
@@ -638,21 +642,26 @@ def test_scale_space_first_level(ratio, first):
 
 
 def test_scale_space_leaves_out_levels_too_fine_for_the_strokes():
-    # eval: an image whose strokes are 3x the widest seen in training takes levels 2 and up
+    # eval: an image whose strokes are 3x the widest seen in training starts at level 2 and,
+    # like every training image, sees 4 levels from there (2-5: eval halves further)
     torch.manual_seed(0)
     net = tiny(ceil_mode=True, levels=4, norm="none").eval()
     inner = net.backbone.net
     x = torch.cat([bar(48, 12, 40), bar(48, 2, 40)])  # (2, 1, 48, 48): thick and thin
     net.backbone.widest_stroke.fill_(M.stroke_width(x[:1]).item() / 3)
     assert net.backbone.first_level(x).tolist() == [2, 0]
+    assert net.backbone.extra_levels == M.EXTRA_LEVELS
     halvings = [x]
-    for _ in range(3):
+    for _ in range(3 + M.EXTRA_LEVELS):
         halvings.append(torch.nn.functional.avg_pool2d(halvings[-1], 2, ceil_mode=True))
     grid = inner(x).shape[-2:]
     levels = torch.stack([torch.nn.functional.interpolate(inner(t), size=grid) for t in halvings])
     got = net.backbone(x)
-    assert torch.allclose(got[0], levels[2:, 0].amax(0), atol=1e-6)  # levels 2, 3
-    assert torch.allclose(got[1], levels[:, 1].amax(0), atol=1e-6)  # every level
+    assert torch.allclose(got[0], levels[2:6, 0].amax(0), atol=1e-6)  # levels 2-5
+    assert torch.allclose(got[1], levels[:4, 1].amax(0), atol=1e-6)  # levels 0-3, as trained
+    # training runs the trained levels only, and takes every one of them
+    net.train()
+    assert torch.allclose(net.backbone(x[:1]), levels[:4, 0].amax(0), atol=1e-6)
 
 
 def test_scale_space_sees_a_doubled_image_at_its_own_scale():

@@ -29,7 +29,8 @@ for path in sys.argv[4:]:
         side = min(ds.images.shape[-2:])
         doubled = mode != "single" and side <= 56
         scales = (1,) if mode == "single" else (1, 0.5, 2) if doubled else (1, 0.5)
-        half = [0, 1] if side * 0.5 >= 20 else [0]  # levels: input, half (if >= 20 px), double
+        halved = mode != "single" and side * 0.5 >= 20
+        half = [0, 1] if halved else [0]  # levels: input, half (if >= 20 px), double
         correct = [0, 0, 0]  # one pass, --scales 1,0.5, --scales 2,1,0.5
         for start, p in inference.level_probs(model, ds.images, 100, scales):
             y = ds.labels[start : start + p.shape[1]]
