@@ -651,6 +651,9 @@ def test_scale_space_leaves_out_levels_too_fine_for_the_strokes():
     net.backbone.widest_stroke.fill_(M.stroke_width(x[:1]).item() / 3)
     assert net.backbone.first_level(x).tolist() == [2, 0]
     assert net.backbone.extra_levels == M.EXTRA_LEVELS
+    # eval runs the levels up to the last any image keeps: 6 for the pair, the trained 4 alone
+    assert net.backbone.eval_levels(net.backbone.first_level(x)) == 6
+    assert net.backbone.eval_levels(net.backbone.first_level(x[1:])) == 4
     halvings = [x]
     for _ in range(3 + M.EXTRA_LEVELS):
         halvings.append(torch.nn.functional.avg_pool2d(halvings[-1], 2, ceil_mode=True))
