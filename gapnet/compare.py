@@ -450,22 +450,24 @@ def run_compare(
     try:
         ds = data.load(spec.data)
         n_train = spec.train_size or len(ds.train)
-        variants: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = [
-            (h, {"head": h}, None) for h in spec.heads
+        # (name, TrainConfig changes, the recipe of a one-seed variant, its test-time pyramid)
+        variants: list[tuple[str, dict[str, Any], dict[str, Any] | None, tuple[float, ...]]] = [
+            (h, {"head": h}, None, ()) for h in spec.heads
         ]
         if spec.robust is not None:
             robust_name = f"{spec.robust_head}-robust"
-            variants.append((robust_name, {"head": spec.robust_head, **spec.robust}, spec.robust))
+            changes = {"head": spec.robust_head, **spec.robust}
+            variants.append((robust_name, changes, spec.robust, spec.scales))
         if spec.cam_variant is not None:
             cam_name = f"{spec.cam_variant['head']}-cam"
-            variants.append((cam_name, spec.cam_variant, spec.cam_variant))
+            variants.append((cam_name, spec.cam_variant, spec.cam_variant, ()))
         sweep_runs = [(n, h) for n in spec.train_sizes for h in spec.sweep]
         seeds = [spec.seed + k for k in range(spec.seeds)]
         total = (len(spec.heads) + len(sweep_runs)) * len(seeds)
         total += (spec.robust is not None) + (spec.cam_variant is not None)
         rescaled, canvases = _eval_sets(spec, ds)
         runs, models, done = [], {}, 0
-        for name, changes, robust in variants:
+        for name, changes, robust, scales in variants:
             records, first = [], None
             for seed in seeds[:1] if robust else seeds:  # the robust variant: one seed
                 done += 1
@@ -482,8 +484,6 @@ def run_compare(
             entry["input_size"] = first.model.input_size  # the one size it takes, or None
             entry["has_cam"] = first.model.has_cam
             # measured on the first seed's model: the sizes are about the head, not the seed
-            # test-time multi-scale inference: the robust run only
-            scales = spec.scales if robust is spec.robust else ()
             entry["sizes"], multi_sizes = accuracy_table(first.model, rescaled, scales=scales)
             entry["canvases"], multi_canvases = accuracy_table(first.model, canvases, scales=scales)
             if scales:

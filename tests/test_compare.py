@@ -130,6 +130,14 @@ TINY_SEEDS = dict(
 )  # fmt: skip
 
 
+def test_run_compare_measures_the_pyramid_of_the_robust_run_only(tmp_path):
+    # spec.scales belong to the robust run: without one, no run is measured with the pyramid
+    spec = CompareSpec(**{**TINY_SEEDS, "seeds": 1, "train_sizes": (), "cam": False,
+                          "scales": (1, 0.5)})  # fmt: skip
+    results = compare.run_compare(spec, tmp_path, progress=False, log=lambda text: None)
+    assert [("multiscale" in r) for r in results["runs"]] == [False, False]
+
+
 def test_run_compare_with_seeds_pools_them_and_keeps_each(tmp_path):
     spec = CompareSpec(**TINY_SEEDS)
     results = compare.run_compare(spec, tmp_path, progress=False, log=lambda text: None)
